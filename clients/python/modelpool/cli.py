@@ -1,0 +1,150 @@
+"""The `modelpool` command: serve, generate, chat, models."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import grpc
+
+from modelpool.client import Client
+from modelpool.v1 import generation_pb2 as pb
+
+_DEFAULT_TARGET = os.environ.get("MODELPOOL_TARGET", "127.0.0.1:50051")
+
+
+def _add_generation_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--target", default=_DEFAULT_TARGET, help="server address (env MODELPOOL_TARGET)")
+    parser.add_argument("--model", default="", help="model name (default: the server's default model)")
+    parser.add_argument("--max-new-tokens", type=int, default=None)
+    parser.add_argument("--temperature", type=float, default=None, help="sample with this temperature")
+    parser.add_argument("--top-p", type=float, default=None)
+    parser.add_argument("--top-k", type=int, default=None)
+    parser.add_argument("--repetition-penalty", type=float, default=None)
+    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--stop", action="append", default=None, help="stop sequence (repeatable)")
+    parser.add_argument("--timeout", type=float, default=None, help="deadline in seconds")
+
+
+def _options(args: argparse.Namespace) -> dict:
+    return {
+        "max_new_tokens": args.max_new_tokens,
+        "temperature": args.temperature,
+        "top_p": args.top_p,
+        "top_k": args.top_k,
+        "repetition_penalty": args.repetition_penalty,
+        "seed": args.seed,
+        "stop_sequences": args.stop,
+    }
+
+
+def _stream_to_terminal(client: Client, args, **request) -> str:
+    text = []
+    for piece in client.stream(model=args.model, timeout=args.timeout, **request, **_options(args)):
+        sys.stdout.write(piece.text_delta)
+        sys.stdout.flush()
+        text.append(piece.text_delta)
+    sys.stdout.write("\n")
+    return "".join(text)
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    with Client(args.target) as client:
+        if args.raw:
+            _stream_to_terminal(client, args, prompt=args.prompt)
+        else:
+            messages = ([("system", args.system)] if args.system else []) + [("user", args.prompt)]
+            _stream_to_terminal(client, args, messages=messages)
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    history = [("system", args.system)] if args.system else []
+    print("Chatting with the model; /reset forgets the conversation, /quit or Ctrl-D ends.", file=sys.stderr)
+    with Client(args.target) as client:
+        while True:
+            try:
+                line = input("> ")
+            except (EOFError, KeyboardInterrupt):
+                print(file=sys.stderr)
+                return 0
+            if not line.strip():
+                continue
+            if line.strip() == "/quit":
+                return 0
+            if line.strip() == "/reset":
+                history = history[:1] if args.system else []
+                continue
+            history.append(("user", line))
+            try:
+                reply = _stream_to_terminal(client, args, messages=history)
+            except KeyboardInterrupt:
+                print("\n(interrupted)", file=sys.stderr)
+                history.pop()
+                continue
+            history.append(("assistant", reply))
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    with Client(args.target) as client:
+        models = client.models(timeout=args.timeout)
+    for m in models:
+        default = " (default)" if m.is_default else ""
+        print(
+            f"{m.name}{default}: source={m.source} dtype={m.dtype or '?'} context={m.context_length} "
+            f"chat_template={'yes' if m.has_chat_template else 'no'}"
+        )
+        for w in m.workers:
+            devices = ",".join(w.devices) or "-"
+            print(
+                f"  worker {w.index}: {pb.WorkerState.Name(w.state).removeprefix('WORKER_STATE_').lower()} "
+                f"pid={w.pid} CUDA_VISIBLE_DEVICES={w.cuda_visible_devices or '(none)'} devices={devices} "
+                f"running={w.running_sequences} outstanding={w.outstanding_requests} restarts={w.restarts}"
+                + (f" last_error={w.last_error!r}" if w.last_error else "")
+            )
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="modelpool", description="modelpool gRPC model server and client")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run the server (needs the modelpool-server package)", add_help=False)
+    serve.add_argument("rest", nargs=argparse.REMAINDER)
+
+    gen = sub.add_parser("generate", help="stream a completion to the terminal")
+    gen.add_argument("prompt")
+    gen.add_argument("--raw", action="store_true", help="send the prompt as is, without the chat template")
+    gen.add_argument("--system", default=None, help="a system message")
+    _add_generation_options(gen)
+    gen.set_defaults(func=cmd_generate)
+
+    chat = sub.add_parser("chat", help="an interactive streaming chat that keeps the history")
+    chat.add_argument("--system", default=None, help="a system message")
+    _add_generation_options(chat)
+    chat.set_defaults(func=cmd_chat)
+
+    models = sub.add_parser("models", help="list the served models and their workers")
+    models.add_argument("--target", default=_DEFAULT_TARGET)
+    models.add_argument("--timeout", type=float, default=10)
+    models.set_defaults(func=cmd_models)
+
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["serve"]:
+        try:
+            from service.cli import main as serve_main
+        except ImportError:
+            print("modelpool serve needs the server: pip install modelpool-server", file=sys.stderr)
+            return 2
+        return serve_main(argv[1:])
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except grpc.RpcError as exc:
+        print(f"\nmodelpool: {exc.code().name}: {exc.details()}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,99 @@
+"""`modelpool serve`: start the server from a TOML file or from flags."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+
+from service import config as config_module
+
+
+def _devices(text: str) -> list[int]:
+    try:
+        return [int(d) for d in text.split(",") if d.strip()]
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"--devices wants GPU indices like 0,1: {text!r}") from exc
+
+
+def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
+    parser = parser or argparse.ArgumentParser(prog="modelpool serve", description="Serve models over gRPC.")
+    parser.add_argument("--config", help="TOML configuration file (other flags then only override [server])")
+    parser.add_argument("--model", default="builtin", help="builtin, a local folder, hf:<repo> or modelscope:<id>")
+    parser.add_argument("--name", help="the model's name in requests (default: derived from --model)")
+    parser.add_argument("--workers", type=int, default=1, help="worker processes for the model")
+    parser.add_argument("--devices", type=_devices, default=[], help="GPUs to split among the workers, e.g. 0,1")
+    parser.add_argument("--dtype", default="auto", help="auto, bfloat16, float16 or float32")
+    parser.add_argument("--device-map", default="auto", help="auto, balanced, balanced_low_0 or sequential")
+    parser.add_argument("--max-batch-size", type=int, default=None)
+    parser.add_argument("--max-batch-tokens", type=int, default=None)
+    parser.add_argument("--max-queue", type=int, default=None)
+    parser.add_argument("--host", default=None, help="address to listen on (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=None, help="gRPC port (default 50051)")
+    parser.add_argument("--metrics-port", type=int, default=None, help="Prometheus port (default 9090, 0 = off)")
+    parser.add_argument("--drain-timeout", type=float, default=None, help="seconds in-flight calls get on SIGTERM")
+    parser.add_argument("--log-level", default=os.environ.get("MODELPOOL_LOG_LEVEL", "INFO"))
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> config_module.ServerConfig:
+    server = {
+        key: value
+        for key, value in (
+            ("host", args.host),
+            ("port", args.port),
+            ("metrics_port", args.metrics_port),
+            ("drain_timeout_s", args.drain_timeout),
+        )
+        if value is not None
+    }
+    if args.config:
+        cfg = config_module.load(args.config)
+        for key, value in server.items():
+            setattr(cfg, key, value)
+        return cfg.validate()
+    cfg = config_module.from_flags(
+        args.model,
+        workers=args.workers,
+        devices=args.devices,
+        dtype=args.dtype,
+        device_map=args.device_map,
+        name=args.name,
+        **server,
+    )
+    model = cfg.models[0]
+    for key in ("max_batch_size", "max_batch_tokens", "max_queue"):
+        if getattr(args, key) is not None:
+            setattr(model, key, getattr(args, key))
+    return cfg.validate()
+
+
+def run(args: argparse.Namespace) -> int:
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
+    )
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        cfg = config_from_args(args)
+    except config_module.ConfigError as exc:
+        print(f"modelpool serve: configuration error: {exc}", file=sys.stderr)
+        return 2
+    from service.model_source import ModelSourceError
+    from service.server import serve
+
+    try:
+        asyncio.run(serve(cfg))
+    except ModelSourceError as exc:
+        print(f"modelpool serve: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run(build_parser().parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

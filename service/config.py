@@ -1,0 +1,198 @@
+"""The server's configuration: a TOML file, or CLI flags for the common case.
+
+```toml
+[server]
+host = "127.0.0.1"
+port = 50051
+metrics_port = 9090          # 0 turns /metrics off
+drain_timeout_s = 30
+default_model = "smollm2"    # default: the first model
+
+[[models]]
+name = "smollm2"
+source = "builtin"           # builtin | a local folder | hf:<repo id> | modelscope:<model id>
+max_batch_size = 32          # running sequences per worker
+max_batch_tokens = 16384     # prompt + max_new_tokens of every running sequence, per worker
+max_queue = 256              # accepted requests waiting beyond the running capacity
+default_max_new_tokens = 256
+
+[[models.workers]]           # one entry per kind of worker
+devices = [0, 1]             # GPUs this worker sees (CUDA_VISIBLE_DEVICES); [] = CPU only
+dtype = "auto"               # auto | bfloat16 | float16 | float32
+device_map = "auto"          # auto | balanced | balanced_low_0 | sequential | { module = device }
+max_memory = { 0 = "20GiB", 1 = "20GiB", cpu = "30GiB" }   # keys: GPU index as the worker sees it
+replicas = 1                 # identical workers with these settings
+threads = 0                  # torch CPU threads; 0 = split the machine's cores among CPU workers
+```
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from dataclasses import dataclass, field
+from typing import Any
+
+from workers.messages import WorkerSpec
+
+_DTYPES = ("auto", "bfloat16", "bf16", "float16", "fp16", "float32", "fp32")
+_DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
+
+
+class ConfigError(ValueError):
+    """The configuration is wrong; the message names the key."""
+
+
+@dataclass
+class WorkerGroupConfig:
+    devices: list[int] = field(default_factory=list)
+    dtype: str = "auto"
+    device_map: str | dict[str, Any] = "auto"
+    max_memory: dict[str, str] | None = None
+    replicas: int = 1
+    threads: int = 0
+
+
+@dataclass
+class ModelConfig:
+    name: str
+    source: str = "builtin"
+    revision: str | None = None
+    max_batch_size: int = 32
+    max_batch_tokens: int = 16384
+    max_queue: int = 256
+    default_max_new_tokens: int = 256
+    workers: list[WorkerGroupConfig] = field(default_factory=lambda: [WorkerGroupConfig()])
+
+
+@dataclass
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 50051
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int = 9090
+    drain_timeout_s: float = 30.0
+    restart_backoff_s: float = 1.0
+    restart_backoff_max_s: float = 30.0
+    memory_interval_s: float = 2.0
+    default_model: str = ""
+    models: list[ModelConfig] = field(default_factory=list)
+
+    @property
+    def default_model_name(self) -> str:
+        return self.default_model or self.models[0].name
+
+    def validate(self) -> "ServerConfig":
+        if not self.models:
+            raise ConfigError("models: at least one model is needed")
+        names = [m.name for m in self.models]
+        if len(set(names)) != len(names):
+            raise ConfigError(f"models.name: duplicate names in {names}")
+        if self.default_model and self.default_model not in names:
+            raise ConfigError(f"server.default_model: {self.default_model!r} is not one of {names}")
+        for m in self.models:
+            where = f"models[{m.name}]"
+            if not m.name:
+                raise ConfigError("models.name: must not be empty")
+            for key in ("max_batch_size", "max_batch_tokens", "default_max_new_tokens"):
+                if getattr(m, key) < 1:
+                    raise ConfigError(f"{where}.{key}: must be at least 1")
+            if m.max_queue < 0:
+                raise ConfigError(f"{where}.max_queue: must not be negative")
+            if not m.workers:
+                raise ConfigError(f"{where}.workers: at least one worker is needed")
+            for w in m.workers:
+                if w.dtype not in _DTYPES:
+                    raise ConfigError(f"{where}.workers.dtype: {w.dtype!r} is not one of {_DTYPES}")
+                if isinstance(w.device_map, str) and w.device_map not in _DEVICE_MAPS:
+                    raise ConfigError(
+                        f"{where}.workers.device_map: {w.device_map!r} is not one of {_DEVICE_MAPS} or a table"
+                    )
+                if w.replicas < 1:
+                    raise ConfigError(f"{where}.workers.replicas: must be at least 1")
+        return self
+
+    def worker_specs(self, model: ModelConfig, model_path: str) -> list[WorkerSpec]:
+        """One spec per worker process of `model`, with CPU threads split among all CPU workers."""
+        specs = []
+        for group in model.workers:
+            for _ in range(group.replicas):
+                specs.append(
+                    WorkerSpec(
+                        worker_key=f"{model.name}/{len(specs)}",
+                        model_name=model.name,
+                        model_path=model_path,
+                        cuda_visible_devices=",".join(str(d) for d in group.devices),
+                        dtype=group.dtype,
+                        device_map=group.device_map,
+                        max_memory=group.max_memory,
+                        threads=group.threads or self._default_threads(),
+                        max_batch_size=model.max_batch_size,
+                        max_batch_tokens=model.max_batch_tokens,
+                        memory_interval_s=self.memory_interval_s,
+                    )
+                )
+        return specs
+
+    def _default_threads(self) -> int:
+        # Workers on one machine must split the cores, or they slow each other down.
+        cpu_workers = sum(g.replicas for m in self.models for g in m.workers if not g.devices) or 1
+        return max(1, (os.cpu_count() or 1) // cpu_workers)
+
+
+def _build(cls, data: dict[str, Any], where: str):
+    known = set(cls.__dataclass_fields__)
+    unknown = set(data) - known
+    if unknown:
+        raise ConfigError(f"{where}: unknown keys {sorted(unknown)}")
+    return cls(**data)
+
+
+def from_dict(data: dict[str, Any]) -> ServerConfig:
+    server = dict(data.get("server", {}))
+    unknown_top = set(data) - {"server", "models"}
+    if unknown_top:
+        raise ConfigError(f"unknown sections {sorted(unknown_top)}")
+    models = []
+    for i, raw in enumerate(data.get("models", [])):
+        raw = dict(raw)
+        groups = [
+            _build(WorkerGroupConfig, dict(w), f"models[{i}].workers") for w in raw.pop("workers", [{}])
+        ]
+        if "name" not in raw:
+            raise ConfigError(f"models[{i}].name: missing")
+        models.append(_build(ModelConfig, {**raw, "workers": groups}, f"models[{i}]"))
+    return _build(ServerConfig, {**server, "models": models}, "server").validate()
+
+
+def load(path: str) -> ServerConfig:
+    with open(path, "rb") as f:
+        try:
+            data = tomllib.load(f)
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{path}: {exc}") from exc
+    return from_dict(data)
+
+
+def from_flags(
+    model: str,
+    workers: int = 1,
+    devices: list[int] | None = None,
+    dtype: str = "auto",
+    device_map: str = "auto",
+    name: str | None = None,
+    **server: Any,
+) -> ServerConfig:
+    """`--model X --workers N --devices 0,1`: N workers, the devices split evenly among them."""
+    devices = devices or []
+    if devices and workers > len(devices):
+        raise ConfigError(f"--workers: {workers} workers need at least as many --devices, got {devices}")
+    per_worker = len(devices) // workers if devices else 0
+    groups = [
+        WorkerGroupConfig(
+            devices=devices[i * per_worker : (i + 1) * per_worker], dtype=dtype, device_map=device_map
+        )
+        for i in range(workers)
+    ]
+    model_name = name or ("smollm2" if model == "builtin" else model.rstrip("/").split("/")[-1].split(":")[-1])
+    return ServerConfig(models=[ModelConfig(name=model_name, source=model, workers=groups)], **server).validate()

@@ -1,0 +1,292 @@
+"""Admission, routing and fan-out: requests go to the least-loaded ready worker, step outputs come back.
+
+MLServer's shape: futures (here, per-request streams) keyed by request id and a
+worker -> in-flight map, so a dead worker's requests fail at once with
+UNAVAILABLE and the pool restarts it with back-off. vLLM's shape for the way
+back: every step output is fanned out, from the event loop, to per-request
+streams that never block the fan-out; a slow reader gets several steps' events
+merged into one read.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+from service import metrics
+from service.config import ModelConfig, ServerConfig
+from service.errors import ResourceExhausted, ServiceError, Unavailable, from_worker
+from service.worker_handle import WorkerHandle, WorkerState
+from workers.messages import (
+    AbortCall,
+    FinishReason,
+    GenerateCall,
+    SequenceEvent,
+    StepOutput,
+    WorkerReady,
+)
+
+_LOGGER = logging.getLogger(__name__)
+
+
+@dataclass
+class Timings:
+    arrival: float
+    start: float | None = None
+    first_token: float | None = None
+    last_token: float | None = None
+
+    @property
+    def queue_seconds(self) -> float:
+        return (self.start - self.arrival) if self.start else 0.0
+
+    @property
+    def time_to_first_token_seconds(self) -> float:
+        return (self.first_token - self.arrival) if self.first_token else 0.0
+
+    @property
+    def total_seconds(self) -> float:
+        return ((self.last_token or time.time()) - self.arrival)
+
+
+class RequestStream:
+    """The events of one request, read by its RPC handler; filled by the dispatcher."""
+
+    def __init__(self, dispatcher: "Dispatcher", request_id: int, model: str, worker: WorkerHandle, arrival: float):
+        self._dispatcher = dispatcher
+        self.request_id = request_id
+        self.model = model
+        self.worker = worker
+        self.timings = Timings(arrival=arrival)
+        self.finished = False
+        self._events: list[SequenceEvent] = []
+        self._failure: ServiceError | None = None
+        self._wakeup = asyncio.Event()
+
+    def _put(self, event: SequenceEvent) -> None:
+        self._events.append(event)
+        self._wakeup.set()
+
+    def _fail(self, error: ServiceError) -> None:
+        self._failure = error
+        self._wakeup.set()
+
+    def __aiter__(self):
+        return self._iterate()
+
+    async def _iterate(self):
+        """Yield lists of events (everything that arrived since the last read) until the request ends."""
+        while True:
+            if not self._events and self._failure is None:
+                self._wakeup.clear()
+                await self._wakeup.wait()
+            events, self._events = self._events, []
+            for event in events:
+                if event.finish_reason is FinishReason.ERROR:
+                    raise from_worker(event.error_kind, event.error)
+            if events:
+                yield events
+                if events[-1].finished:
+                    return
+            elif self._failure is not None:
+                raise self._failure
+
+    def close(self) -> None:
+        """Called when the handler is done, however it ended: an unfinished request is aborted in its worker."""
+        if not self.finished:
+            self._dispatcher.abort(self.request_id)
+
+
+class ModelPool:
+    """The workers of one model."""
+
+    def __init__(self, config: ModelConfig):
+        self.config = config
+        self.workers: list[WorkerHandle] = []
+
+    @property
+    def ready_workers(self) -> list[WorkerHandle]:
+        return [w for w in self.workers if w.state is WorkerState.READY]
+
+    @property
+    def outstanding(self) -> int:
+        return sum(len(w.outstanding) for w in self.workers)
+
+    def pick(self) -> WorkerHandle | None:
+        ready = self.ready_workers
+        # Least outstanding work first; ties go to the emptier running batch.
+        return min(ready, key=lambda w: (len(w.outstanding), w.running)) if ready else None
+
+    def admits_more(self) -> bool:
+        capacity = len(self.ready_workers) * self.config.max_batch_size + self.config.max_queue
+        return self.outstanding < capacity
+
+
+class Dispatcher:
+    def __init__(
+        self,
+        config: ServerConfig,
+        loop: asyncio.AbstractEventLoop,
+        on_readiness: Callable[[bool], None] = lambda ready: None,
+    ):
+        self.config = config
+        self._loop = loop
+        self._on_readiness = on_readiness
+        self.pools = {m.name: ModelPool(m) for m in config.models}
+        self._streams: dict[int, RequestStream] = {}
+        self._ids = itertools.count(1)
+        self._closing = False
+        self._all_ready = False
+
+    # ------------------------------------------------------------ workers
+
+    def start(self, model_paths: dict[str, str]) -> None:
+        for name, pool in self.pools.items():
+            for spec in self.config.worker_specs(pool.config, model_paths[name]):
+                handle = WorkerHandle(spec, self._loop, self._on_message, self._on_exit)
+                pool.workers.append(handle)
+                metrics.WORKER_UP.labels(name, handle.key).set(0)
+                handle.start()
+
+    @property
+    def all_models_ready(self) -> bool:
+        return all(pool.ready_workers for pool in self.pools.values())
+
+    def _readiness_changed(self) -> None:
+        ready = self.all_models_ready and not self._closing
+        if ready != self._all_ready:
+            self._all_ready = ready
+            self._on_readiness(ready)
+
+    def _on_message(self, handle: WorkerHandle, message) -> None:
+        model = handle.spec.model_name
+        if isinstance(message, StepOutput):
+            self._on_step(handle, message)
+        elif isinstance(message, WorkerReady):
+            _LOGGER.info("worker %s ready (pid %d, dtype %s, devices %s)", handle.key, message.pid, message.dtype, message.devices)
+            metrics.WORKER_UP.labels(model, handle.key).set(1)
+            metrics.record_memory(model, handle.key, message.memory)
+            self._readiness_changed()
+
+    def _on_exit(self, handle: WorkerHandle) -> None:
+        model = handle.spec.model_name
+        metrics.WORKER_UP.labels(model, handle.key).set(0)
+        metrics.WORKER_RUNNING.labels(model, handle.key).set(0)
+        error = Unavailable(f"worker {handle.key} of model {model!r} died: {handle.last_error}")
+        for request_id in list(handle.outstanding):
+            stream = self._streams.pop(request_id, None)
+            if stream is not None:
+                self._finish_metrics(stream)
+                stream._fail(error)
+        handle.outstanding.clear()
+        self._readiness_changed()
+        if self._closing:
+            return
+        delay = handle.next_backoff(self.config.restart_backoff_s, self.config.restart_backoff_max_s)
+        _LOGGER.warning("restarting worker %s in %.1f s", handle.key, delay)
+        self._loop.call_later(delay, self._restart, handle)
+
+    def _restart(self, handle: WorkerHandle) -> None:
+        if self._closing or handle.state is not WorkerState.RESTARTING:
+            return
+        handle.restarts += 1
+        metrics.WORKER_RESTARTS.labels(handle.spec.model_name, handle.key).inc()
+        handle.start()
+
+    # ------------------------------------------------------------ requests
+
+    def submit(self, model: str, call_args: dict) -> RequestStream:
+        """Admit a request for `model` and send it to a worker; raises RESOURCE_EXHAUSTED / UNAVAILABLE."""
+        pool = self.pools[model]
+        if self._closing:
+            raise Unavailable("the server is shutting down")
+        worker = pool.pick()
+        if worker is None:
+            raise Unavailable(f"no worker of model {model!r} is ready")
+        if not pool.admits_more():
+            raise ResourceExhausted(
+                f"model {model!r} has {pool.outstanding} requests outstanding, its limit "
+                f"(max_batch_size x ready workers + max_queue); retry later"
+            )
+        request_id = next(self._ids)
+        call = GenerateCall(request_id=request_id, arrival_time=time.time(), **call_args)
+        stream = RequestStream(self, request_id, model, worker, call.arrival_time)
+        self._streams[request_id] = stream
+        worker.outstanding.add(request_id)
+        metrics.IN_FLIGHT.labels(model).inc()
+        metrics.PROMPT_TOKENS.labels(model).inc(len(call.prompt_token_ids))
+        worker.send(call)
+        return stream
+
+    def abort(self, request_id: int) -> None:
+        stream = self._streams.pop(request_id, None)
+        if stream is None:
+            return
+        stream.worker.outstanding.discard(request_id)
+        self._finish_metrics(stream)
+        if stream.worker.state is not WorkerState.STOPPED:
+            try:
+                stream.worker.send(AbortCall(request_id))
+            except (OSError, ValueError):  # the queue is closed: the worker is gone with the request
+                pass
+
+    def _on_step(self, handle: WorkerHandle, output: StepOutput) -> None:
+        model = handle.spec.model_name
+        handle.running, handle.waiting = output.running, output.waiting
+        metrics.record_step(model, handle.key, output)
+        pool = self.pools[model]
+        metrics.RUNNING.labels(model).set(sum(w.running for w in pool.workers))
+        metrics.QUEUED.labels(model).set(sum(w.waiting for w in pool.workers))
+        now = time.time()
+        for event in output.events:
+            stream = self._streams.get(event.request_id)
+            if stream is None:
+                continue  # aborted meanwhile
+            self._record_progress(stream, event, now)
+            if event.finished:
+                stream.finished = True
+                del self._streams[event.request_id]
+                handle.outstanding.discard(event.request_id)
+                self._finish_metrics(stream)
+            stream._put(event)
+
+    def _record_progress(self, stream: RequestStream, event: SequenceEvent, now: float) -> None:
+        t = stream.timings
+        if event.start_time is not None and t.start is None:
+            t.start = event.start_time
+            metrics.QUEUE_TIME.labels(stream.model).observe(max(0.0, t.start - t.arrival))
+        if not event.token_ids:
+            return
+        if t.first_token is None:
+            t.first_token = now
+            metrics.TIME_TO_FIRST_TOKEN.labels(stream.model).observe(now - t.arrival)
+        elif t.last_token is not None:
+            metrics.INTER_TOKEN_LATENCY.labels(stream.model).observe(now - t.last_token)
+        t.last_token = now
+        metrics.GENERATION_TOKENS.labels(stream.model).inc(len(event.token_ids))
+
+    def _finish_metrics(self, stream: RequestStream) -> None:
+        metrics.IN_FLIGHT.labels(stream.model).dec()
+        metrics.E2E_LATENCY.labels(stream.model).observe(time.time() - stream.timings.arrival)
+
+    # ------------------------------------------------------------ shutdown
+
+    def begin_shutdown(self) -> None:
+        self._closing = True
+        self._readiness_changed()
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._streams)
+
+    async def stop_workers(self) -> None:
+        self._closing = True
+        handles = [w for pool in self.pools.values() for w in pool.workers]
+        await asyncio.gather(*(asyncio.to_thread(w.stop) for w in handles))
+        for stream in list(self._streams.values()):
+            stream._fail(Unavailable("the server stopped"))
+        self._streams.clear()

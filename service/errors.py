@@ -1,0 +1,94 @@
+"""The one place where failures become gRPC status codes, for unary and streaming handlers alike."""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import logging
+
+import grpc
+
+from workers.messages import ErrorKind
+
+_LOGGER = logging.getLogger(__name__)
+
+
+class ServiceError(Exception):
+    code = grpc.StatusCode.INTERNAL
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.message = message
+
+
+class InvalidArgument(ServiceError):
+    code = grpc.StatusCode.INVALID_ARGUMENT
+
+    def __init__(self, field: str, problem: str):
+        super().__init__(f"{field}: {problem}")
+        self.field = field
+
+
+class NotFound(ServiceError):
+    code = grpc.StatusCode.NOT_FOUND
+
+
+class ResourceExhausted(ServiceError):
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+class Unavailable(ServiceError):
+    code = grpc.StatusCode.UNAVAILABLE
+
+
+class Internal(ServiceError):
+    code = grpc.StatusCode.INTERNAL
+
+
+def from_worker(kind: ErrorKind | None, message: str) -> ServiceError:
+    """A failure a worker reported for one request."""
+    if kind is ErrorKind.INVALID_ARGUMENT:
+        # The only such check in a worker is the batch-token limit, which max_new_tokens decides.
+        return InvalidArgument("stopping.max_new_tokens", message)
+    if kind is ErrorKind.RESOURCE_EXHAUSTED:
+        return ResourceExhausted(message)
+    return Internal(message or "the worker failed this request")
+
+
+def code_of(exc: BaseException) -> grpc.StatusCode:
+    return exc.code if isinstance(exc, ServiceError) else grpc.StatusCode.INTERNAL
+
+
+async def _abort(context: grpc.aio.ServicerContext, exc: Exception):
+    if isinstance(exc, ServiceError):
+        await context.abort(exc.code, exc.message)
+    _LOGGER.exception("unexpected error in a handler", exc_info=exc)
+    await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}")
+
+
+def status_mapped(handler):
+    """Decorate a grpc.aio handler (coroutine or async generator) so that errors abort with their status."""
+    if inspect.isasyncgenfunction(handler):
+
+        @functools.wraps(handler)
+        async def stream_wrapper(self, request, context):
+            try:
+                async for item in handler(self, request, context):
+                    yield item
+            except grpc.aio.AbortError:
+                raise
+            except Exception as exc:  # noqa: BLE001  (mapped, never swallowed)
+                await _abort(context, exc)
+
+        return stream_wrapper
+
+    @functools.wraps(handler)
+    async def unary_wrapper(self, request, context):
+        try:
+            return await handler(self, request, context)
+        except grpc.aio.AbortError:
+            raise
+        except Exception as exc:  # noqa: BLE001
+            await _abort(context, exc)
+
+    return unary_wrapper

@@ -1,0 +1,86 @@
+"""Every Prometheus metric of the service. Workers only report numbers; the frontend owns the series.
+
+Names follow Prometheus conventions and vLLM's vocabulary: prefix `modelpool_`,
+seconds and bytes, counters end in `_total`.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram, start_http_server
+
+from workers.messages import StepOutput, WorkerMemory
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1, 2.5, 5, 7.5, 10, 20, 40, 80)
+_TOKEN_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1, 2.5)
+_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+REQUESTS = Counter(
+    "modelpool_requests_total", "Finished RPCs by model, method and gRPC status code.", ["model", "method", "code"]
+)
+QUEUE_TIME = Histogram(
+    "modelpool_request_queue_seconds",
+    "From arrival until a worker took the request into its batch.",
+    ["model"],
+    buckets=_LATENCY_BUCKETS,
+)
+TIME_TO_FIRST_TOKEN = Histogram(
+    "modelpool_time_to_first_token_seconds", "From arrival until the first token.", ["model"], buckets=_LATENCY_BUCKETS
+)
+INTER_TOKEN_LATENCY = Histogram(
+    "modelpool_inter_token_latency_seconds",
+    "Between consecutive tokens of one request.",
+    ["model"],
+    buckets=_TOKEN_LATENCY_BUCKETS,
+)
+E2E_LATENCY = Histogram(
+    "modelpool_e2e_request_latency_seconds",
+    "From arrival until the request finished.",
+    ["model"],
+    buckets=_LATENCY_BUCKETS,
+)
+PROMPT_TOKENS = Counter("modelpool_prompt_tokens_total", "Prompt tokens of accepted requests.", ["model"])
+GENERATION_TOKENS = Counter("modelpool_generation_tokens_total", "Generated tokens.", ["model"])
+IN_FLIGHT = Gauge("modelpool_requests_in_flight", "Accepted requests not yet finished.", ["model"])
+QUEUED = Gauge(
+    "modelpool_requests_queued", "Requests waiting in workers for a place in the running batch.", ["model"]
+)
+RUNNING = Gauge("modelpool_requests_running", "Sequences in running batches.", ["model"])
+BATCH_SIZE = Histogram(
+    "modelpool_batch_size", "Sequences in the batch of each decode step.", ["model"], buckets=_BATCH_BUCKETS
+)
+STEP_TIME = Histogram(
+    "modelpool_step_seconds", "Duration of engine steps.", ["model", "kind"], buckets=_TOKEN_LATENCY_BUCKETS
+)
+WORKER_UP = Gauge("modelpool_worker_up", "1 when the worker has its model loaded and takes requests.", ["model", "worker"])
+WORKER_RESTARTS = Counter("modelpool_worker_restarts_total", "Restarts after the worker process died.", ["model", "worker"])
+WORKER_RUNNING = Gauge("modelpool_worker_running_sequences", "Sequences in this worker's batch.", ["model", "worker"])
+WORKER_RSS = Gauge("modelpool_worker_resident_memory_bytes", "Resident memory of the worker process.", ["model", "worker"])
+_GPU_LABELS = ["model", "worker", "device"]
+GPU_ALLOCATED = Gauge("modelpool_gpu_memory_allocated_bytes", "torch.cuda.memory_allocated.", _GPU_LABELS)
+GPU_RESERVED = Gauge("modelpool_gpu_memory_reserved_bytes", "torch.cuda.memory_reserved.", _GPU_LABELS)
+GPU_MAX_ALLOCATED = Gauge("modelpool_gpu_memory_max_allocated_bytes", "torch.cuda.max_memory_allocated.", _GPU_LABELS)
+GPU_TOTAL = Gauge("modelpool_gpu_memory_total_bytes", "Total memory of the device.", _GPU_LABELS)
+
+
+def serve(host: str, port: int) -> None:
+    """Expose /metrics over HTTP on its own port (a daemon thread)."""
+    start_http_server(port, addr=host)
+
+
+def record_memory(model: str, worker: str, memory: WorkerMemory) -> None:
+    WORKER_RSS.labels(model, worker).set(memory.resident_bytes)
+    for dev in memory.devices:
+        GPU_ALLOCATED.labels(model, worker, dev.device).set(dev.allocated)
+        GPU_RESERVED.labels(model, worker, dev.device).set(dev.reserved)
+        GPU_MAX_ALLOCATED.labels(model, worker, dev.device).set(dev.max_allocated)
+        GPU_TOTAL.labels(model, worker, dev.device).set(dev.total)
+
+
+def record_step(model: str, worker: str, output: StepOutput) -> None:
+    WORKER_RUNNING.labels(model, worker).set(output.running)
+    if output.step_kind:
+        STEP_TIME.labels(model, output.step_kind).observe(output.step_seconds)
+    if output.step_kind == "decode":
+        BATCH_SIZE.labels(model).observe(len(output.events))
+    if output.memory is not None:
+        record_memory(model, worker, output.memory)

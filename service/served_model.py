@@ -1,0 +1,93 @@
+"""A model as the frontend knows it: its resolved folder, tokenizer, chat template and context length.
+
+The frontend tokenizes (and applies the chat template) itself, so that prompt
+length and limits are checked before a request reaches a worker, and workers
+receive token ids only.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from service import model_source
+from service.config import ModelConfig
+from service.errors import InvalidArgument
+from workers.messages import StoppingParams
+
+_LOGGER = logging.getLogger(__name__)
+
+
+@dataclass
+class ServedModel:
+    config: ModelConfig
+    path: Path
+    tokenizer: object
+    context_length: int
+
+    @classmethod
+    def load(cls, config: ModelConfig) -> "ServedModel":
+        from transformers import AutoConfig, AutoTokenizer
+
+        path = model_source.resolve(config.source, config.revision)
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        hf_config = AutoConfig.from_pretrained(path)
+        context = getattr(hf_config.get_text_config(), "max_position_embeddings", None)
+        context = int(context or getattr(tokenizer, "model_max_length", 0) or 2048)
+        _LOGGER.info("model %r from %s: context %d tokens", config.name, path, context)
+        return cls(config=config, path=path, tokenizer=tokenizer, context_length=context)
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+    @property
+    def has_chat_template(self) -> bool:
+        return bool(getattr(self.tokenizer, "chat_template", None))
+
+    def encode_prompt(self, prompt: str) -> list[int]:
+        return list(self.tokenizer(prompt, add_special_tokens=True)["input_ids"])
+
+    def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
+        if not self.has_chat_template:
+            raise InvalidArgument(
+                "chat", f"model {self.name!r} has no chat template; send a raw prompt instead"
+            )
+        try:
+            text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        except Exception as exc:  # noqa: BLE001  (templates raise on conversations they refuse)
+            raise InvalidArgument("chat.messages", f"the chat template refused them: {exc}") from exc
+        # The template already wrote the special tokens (BOS, turn markers).
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def check_limits(self, prompt_tokens: int, stopping: StoppingParams, explicit_max: bool) -> StoppingParams:
+        """Apply the default max_new_tokens and check the request against the context and batch limits."""
+        if prompt_tokens == 0:
+            raise InvalidArgument("prompt", "tokenizes to no tokens")
+        room = self.context_length - prompt_tokens
+        if room < 1:
+            raise InvalidArgument(
+                "prompt", f"{prompt_tokens} tokens leave no room in the context of {self.context_length} tokens"
+            )
+        max_new = stopping.max_new_tokens if explicit_max else min(self.config.default_max_new_tokens, room)
+        if max_new > room:
+            raise InvalidArgument(
+                "stopping.max_new_tokens",
+                f"{max_new} + {prompt_tokens} prompt tokens exceed the context of {self.context_length} tokens",
+            )
+        if prompt_tokens + max_new > self.config.max_batch_tokens:
+            raise InvalidArgument(
+                "stopping.max_new_tokens",
+                f"{max_new} + {prompt_tokens} prompt tokens exceed max_batch_tokens ({self.config.max_batch_tokens})",
+            )
+        if stopping.min_new_tokens > max_new:
+            raise InvalidArgument(
+                "stopping.min_new_tokens", f"{stopping.min_new_tokens} is more than max_new_tokens ({max_new})"
+            )
+        return StoppingParams(
+            max_new_tokens=max_new,
+            min_new_tokens=stopping.min_new_tokens,
+            stop_sequences=stopping.stop_sequences,
+            ignore_eos=stopping.ignore_eos,
+        )

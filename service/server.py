@@ -1,0 +1,79 @@
+"""The server process: gRPC (generation, health, reflection), /metrics, workers, graceful shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from modelpool.v1 import generation_pb2 as pb
+from modelpool.v1 import generation_pb2_grpc as pb_grpc
+
+from service import metrics
+from service.config import ServerConfig
+from service.dispatcher import Dispatcher
+from service.served_model import ServedModel
+from service.servicer import GenerationServicer
+
+_LOGGER = logging.getLogger(__name__)
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GenerationService"].full_name
+
+
+async def serve(config: ServerConfig) -> None:
+    loop = asyncio.get_running_loop()
+    health_servicer = health.aio.HealthServicer()
+
+    async def set_health(serving: bool) -> None:
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        for name in ("", SERVICE_NAME):
+            await health_servicer.set(name, status)
+
+    def on_readiness(ready: bool) -> None:
+        _LOGGER.info("health: %s", "SERVING" if ready else "NOT_SERVING")
+        loop.create_task(set_health(ready))
+
+    await set_health(False)
+    # Fetching or converting a model can take a while: keep the loop free for nothing else yet, but off it.
+    models = {}
+    for model_config in config.models:
+        models[model_config.name] = await asyncio.to_thread(ServedModel.load, model_config)
+
+    dispatcher = Dispatcher(config, loop, on_readiness)
+    dispatcher.start({name: str(model.path) for name, model in models.items()})
+
+    server = grpc.aio.server()
+    pb_grpc.add_GenerationServiceServicer_to_server(
+        GenerationServicer(models, dispatcher, config.default_model_name), server
+    )
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server
+    )
+    address = f"{config.host}:{config.port}"
+    if server.add_insecure_port(address) == 0:
+        raise OSError(f"cannot listen on {address}")
+    if config.metrics_port:
+        metrics.serve(config.metrics_host, config.metrics_port)
+    await server.start()
+    _LOGGER.info(
+        "serving %s on %s (metrics on %s)",
+        ", ".join(models),
+        address,
+        f"{config.metrics_host}:{config.metrics_port}/metrics" if config.metrics_port else "off",
+    )
+
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+
+    _LOGGER.info("shutting down: draining up to %.0f s", config.drain_timeout_s)
+    dispatcher.begin_shutdown()
+    await health_servicer.enter_graceful_shutdown()
+    # New calls are refused at once; calls in flight get the drain timeout to finish.
+    await server.stop(config.drain_timeout_s)
+    await dispatcher.stop_workers()
+    _LOGGER.info("stopped")

@@ -1,0 +1,153 @@
+"""One worker process seen from the frontend: start, watch, stop, restart with back-off.
+
+Each handle owns its process's two queues (requests in, step outputs out) and
+two daemon threads: one relays the outbox into the event loop, one waits for the
+process to exit. Queues are per process so that a worker dying mid-write can
+corrupt only its own queue, which is thrown away with it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+import multiprocessing
+import threading
+from typing import Callable
+
+from workers.messages import StopWorker, WorkerFailed, WorkerReady, WorkerSpec
+from workers.worker_main import run_worker
+
+_LOGGER = logging.getLogger(__name__)
+_MP = multiprocessing.get_context("spawn")
+
+
+class WorkerState(enum.Enum):
+    STARTING = 1
+    READY = 2
+    RESTARTING = 3
+    STOPPED = 4
+
+
+class WorkerHandle:
+    def __init__(
+        self,
+        spec: WorkerSpec,
+        loop: asyncio.AbstractEventLoop,
+        on_message: Callable[["WorkerHandle", object], None],
+        on_exit: Callable[["WorkerHandle"], None],
+    ):
+        self.spec = spec
+        self._loop = loop
+        self._on_message = on_message
+        self._on_exit = on_exit
+        self.state = WorkerState.STOPPED
+        self.process = None
+        self.inbox = None
+        self.ready: WorkerReady | None = None
+        self.outstanding: set[int] = set()
+        self.running = 0
+        self.waiting = 0
+        self.restarts = 0
+        self.consecutive_failures = 0
+        self.last_error = ""
+        self._generation = 0  # which process a thread's message belongs to
+
+    @property
+    def key(self) -> str:
+        return self.spec.worker_key
+
+    @property
+    def index(self) -> int:
+        return int(self.key.rsplit("/", 1)[1])
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid if self.process is not None and self.process.pid else 0
+
+    def start(self) -> None:
+        self._generation += 1
+        generation = self._generation
+        self.inbox, outbox = _MP.Queue(), _MP.Queue()
+        self.ready, self.running, self.waiting = None, 0, 0
+        self.process = _MP.Process(
+            target=run_worker, args=(self.spec, self.inbox, outbox), name=f"modelpool-worker-{self.key}", daemon=True
+        )
+        self.state = WorkerState.STARTING
+        self.process.start()
+        _LOGGER.info("started worker %s (pid %d, CUDA_VISIBLE_DEVICES=%r)", self.key, self.pid, self.spec.cuda_visible_devices)
+        process = self.process
+        threading.Thread(target=self._relay, args=(outbox, generation), daemon=True, name=f"relay-{self.key}").start()
+        threading.Thread(
+            target=self._watch, args=(process, outbox, generation), daemon=True, name=f"watch-{self.key}"
+        ).start()
+
+    def _relay(self, outbox, generation: int) -> None:
+        while True:
+            message = outbox.get()
+            if message is None:  # put by _watch once the process is gone
+                return
+            self._post(generation, self._handle_message, message)
+
+    def _watch(self, process, outbox, generation: int) -> None:
+        process.join()
+        # Let the relay drain what the process wrote before it died, then stop it.
+        outbox.put(None)
+        self._post(generation, self._handle_exit, process.exitcode)
+
+    def _post(self, generation: int, fn, *args) -> None:
+        try:
+            self._loop.call_soon_threadsafe(self._if_current, generation, fn, *args)
+        except RuntimeError:  # the loop is closed: the server is gone
+            pass
+
+    def _if_current(self, generation: int, fn, *args) -> None:
+        if generation == self._generation:
+            fn(*args)
+
+    def _handle_message(self, message) -> None:
+        if isinstance(message, WorkerReady):
+            self.ready = message
+            self.state = WorkerState.READY
+            self.consecutive_failures = 0
+        elif isinstance(message, WorkerFailed):
+            self.last_error = message.error
+        self._on_message(self, message)
+
+    def _handle_exit(self, exitcode: int | None) -> None:
+        if self.state is WorkerState.STOPPED:
+            return
+        if not self.last_error or self.state is WorkerState.READY:
+            self.last_error = f"worker process exited with code {exitcode}"
+        _LOGGER.error("worker %s (pid %s) died: %s", self.key, self.pid, self.last_error)
+        self.state = WorkerState.RESTARTING
+        self.ready = None
+        self._on_exit(self)
+
+    def send(self, message) -> None:
+        self.inbox.put(message)
+
+    def next_backoff(self, initial: float, maximum: float) -> float:
+        delay = min(maximum, initial * (2**self.consecutive_failures))
+        self.consecutive_failures += 1
+        return delay
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Ask the worker to exit, then make sure it did (blocking; call from a thread)."""
+        self.state = WorkerState.STOPPED
+        self._generation += 1  # late messages of this process are ignored
+        process = self.process
+        if process is None or not process.is_alive():
+            return
+        try:
+            self.inbox.put(StopWorker())
+        except (OSError, ValueError):
+            pass
+        process.join(timeout)
+        if process.is_alive():
+            _LOGGER.warning("worker %s did not stop in %.0f s; terminating", self.key, timeout)
+            process.terminate()
+            process.join(5)
+        if process.is_alive():
+            process.kill()
+            process.join()

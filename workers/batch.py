@@ -1,0 +1,127 @@
+"""A running batch of sequences and its key/value cache, as a value that can be filtered and concatenated.
+
+The approach of TGI's `CausalLM`: every row is left-padded to the batch's cache
+length T, the attention mask marks real positions, and position ids count only
+real tokens. Between engine steps finished rows leave (`filter`, which also
+drops left padding no remaining row needs) and prefilled newcomers join
+(`concatenate`, which left-pads the shorter cache). Tensors only: the engine owns
+what each row means.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+from transformers import DynamicCache
+
+
+def _cache_layers(cache: DynamicCache):
+    """The layers of a cache that hold tensors (KV-sharing layers may hold none)."""
+    return [layer for layer in cache.layers if getattr(layer, "keys", None) is not None and layer.keys.numel()]
+
+
+@dataclass
+class KVBatch:
+    cache: DynamicCache
+    # [rows, T]: 1 where the cache holds a real token of that row.
+    attention_mask: torch.Tensor
+    # [rows]: the token each row feeds next (sampled, not yet in the cache).
+    next_tokens: torch.Tensor
+    # [rows]: the position id of that next token.
+    next_positions: torch.Tensor
+
+    @property
+    def size(self) -> int:
+        return int(self.attention_mask.shape[0])
+
+    @property
+    def cache_length(self) -> int:
+        return int(self.attention_mask.shape[1])
+
+    @classmethod
+    @torch.inference_mode()
+    def prefill(cls, model, prompts: Sequence[Sequence[int]], device: torch.device, pad_id: int):
+        """Run the prompts as one left-padded batch; returns (batch without next tokens, last logits)."""
+        longest = max(len(p) for p in prompts)
+        input_ids = torch.full((len(prompts), longest), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(prompts), longest), dtype=torch.long)
+        for row, prompt in enumerate(prompts):
+            input_ids[row, longest - len(prompt) :] = torch.tensor(prompt, dtype=torch.long)
+            mask[row, longest - len(prompt) :] = 1
+        input_ids, mask = input_ids.to(device), mask.to(device)
+        positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
+        # Plain full-length layers for every model: filter/concatenate assume one cache length T.
+        cache = DynamicCache()
+        out = model(
+            input_ids=input_ids,
+            attention_mask=mask,
+            position_ids=positions,
+            cache=cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        lengths = mask.sum(dim=1)
+        batch = cls(
+            cache=cache,
+            attention_mask=mask,
+            next_tokens=torch.zeros(len(prompts), dtype=torch.long, device=device),
+            next_positions=lengths,
+        )
+        return batch, out.logits[:, -1, :]
+
+    @torch.inference_mode()
+    def decode(self, model) -> torch.Tensor:
+        """Feed every row's next token; returns the logits [rows, vocab] for the token after it."""
+        mask = torch.cat([self.attention_mask, self.attention_mask.new_ones((self.size, 1))], dim=1)
+        out = model(
+            input_ids=self.next_tokens.unsqueeze(1),
+            attention_mask=mask,
+            position_ids=self.next_positions.unsqueeze(1),
+            cache=self.cache,  # updated in place
+            use_cache=True,
+        )
+        self.attention_mask = mask
+        self.next_positions = self.next_positions + 1
+        return out.logits[:, -1, :]
+
+    def set_next_tokens(self, tokens: Sequence[int]) -> None:
+        self.next_tokens = torch.tensor(tokens, dtype=torch.long, device=self.attention_mask.device)
+
+    def filter(self, keep: Sequence[int]) -> "KVBatch":
+        """Keep only the rows `keep` (in that order) and drop padding columns no row needs any more."""
+        if len(keep) == self.size and list(keep) == list(range(self.size)):
+            return self
+        index = torch.tensor(keep, dtype=torch.long, device=self.attention_mask.device)
+        mask = self.attention_mask.index_select(0, index)
+        needed = int(mask.sum(dim=1).max().item())
+        start = self.cache_length - needed
+        for layer in _cache_layers(self.cache):
+            layer.keys = layer.keys.index_select(0, index.to(layer.keys.device))[:, :, start:, :]
+            layer.values = layer.values.index_select(0, index.to(layer.values.device))[:, :, start:, :]
+        self.attention_mask = mask[:, start:]
+        self.next_tokens = self.next_tokens.index_select(0, index)
+        self.next_positions = self.next_positions.index_select(0, index)
+        return self
+
+    @staticmethod
+    def concatenate(first: "KVBatch", second: "KVBatch") -> "KVBatch":
+        """Rows of `first` then rows of `second`, left-padded to the longer cache. Reuses `first`'s cache object."""
+        length = max(first.cache_length, second.cache_length)
+
+        def pad(t: torch.Tensor, dim: int) -> torch.Tensor:
+            missing = length - t.shape[dim]
+            if missing == 0:
+                return t
+            shape = list(t.shape)
+            shape[dim] = missing
+            return torch.cat([t.new_zeros(shape), t], dim=dim)
+
+        for a, b in zip(_cache_layers(first.cache), _cache_layers(second.cache)):
+            a.keys = torch.cat([pad(a.keys, 2), pad(b.keys, 2)], dim=0)
+            a.values = torch.cat([pad(a.values, 2), pad(b.values, 2)], dim=0)
+        first.attention_mask = torch.cat([pad(first.attention_mask, 1), pad(second.attention_mask, 1)], dim=0)
+        first.next_tokens = torch.cat([first.next_tokens, second.next_tokens])
+        first.next_positions = torch.cat([first.next_positions, second.next_positions])
+        return first

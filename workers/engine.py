@@ -1,0 +1,270 @@
+"""The continuous-batching engine: one running batch, newcomers join and finished rows leave at step boundaries.
+
+A step is either a prefill (waiting requests that fit are run as one padded
+batch, get their first token and join the running batch) or a decode (every
+running row gets one token). After a prefill the next step is always a decode,
+so a stream of arrivals cannot starve the running batch. Each step returns one
+list of events, one per sequence it touched. The engine is driven by a single
+thread (the worker loop), so add/abort happen only between steps.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Iterable
+
+import torch
+
+from workers.batch import KVBatch
+from workers.detokenizer import IncrementalDetokenizer
+from workers.messages import ErrorKind, FinishReason, GenerateCall, SequenceEvent
+from workers.sampling import RowSampling, make_generator, sample_next_tokens
+
+_LOGGER = logging.getLogger(__name__)
+
+
+@dataclass
+class Sequence:
+    call: GenerateCall
+    detokenizer: IncrementalDetokenizer
+    generator: torch.Generator | None
+    start_time: float = 0.0
+    generated: list[int] = field(default_factory=list)
+    started_reported: bool = False
+
+    @property
+    def request_id(self) -> int:
+        return self.call.request_id
+
+    @property
+    def reserved_tokens(self) -> int:
+        """Tokens this sequence may hold at most: what the batch-token limit counts."""
+        return len(self.call.prompt_token_ids) + self.call.stopping.max_new_tokens
+
+    def row_sampling(self, eos_ids: frozenset[int]) -> RowSampling:
+        stopping = self.call.stopping
+        return RowSampling(
+            params=self.call.sampling,
+            generator=self.generator,
+            seen_token_ids=(self.call.prompt_token_ids + tuple(self.generated))
+            if self.call.sampling.repetition_penalty != 1.0
+            else (),
+            suppress_eos=stopping.ignore_eos or len(self.generated) < stopping.min_new_tokens,
+        )
+
+
+class Engine:
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        *,
+        device: torch.device,
+        eos_token_ids: Iterable[int],
+        max_batch_size: int,
+        max_batch_tokens: int,
+    ):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.device = device
+        self.eos_token_ids = frozenset(eos_token_ids)
+        self._eos_list = sorted(self.eos_token_ids)
+        self.max_batch_size = max_batch_size
+        self.max_batch_tokens = max_batch_tokens
+        pad = tokenizer.pad_token_id
+        self.pad_token_id = pad if pad is not None else (self._eos_list[0] if self._eos_list else 0)
+        self.waiting: collections.deque[Sequence] = collections.deque()
+        self.running: list[Sequence] = []
+        self.batch: KVBatch | None = None
+        self._prefilled_last = False
+
+    # ------------------------------------------------------------ between steps
+
+    def add(self, call: GenerateCall) -> SequenceEvent | None:
+        """Queue a request; returns an error event at once if it can never fit the batch."""
+        reserved = len(call.prompt_token_ids) + call.stopping.max_new_tokens
+        if reserved > self.max_batch_tokens:
+            return SequenceEvent(
+                request_id=call.request_id,
+                finish_reason=FinishReason.ERROR,
+                error_kind=ErrorKind.INVALID_ARGUMENT,
+                error=f"prompt tokens + max_new_tokens = {reserved} exceeds the worker's batch limit "
+                f"of {self.max_batch_tokens} tokens",
+            )
+        self.waiting.append(
+            Sequence(
+                call=call,
+                detokenizer=IncrementalDetokenizer(
+                    self.tokenizer, call.prompt_token_ids, call.stopping.stop_sequences
+                ),
+                generator=make_generator(call.sampling, self.device),
+            )
+        )
+        return None
+
+    def abort(self, request_ids: set[int]) -> list[SequenceEvent]:
+        """Drop these requests wherever they are; their slots are free when this returns."""
+        events = []
+        kept_waiting = collections.deque()
+        for seq in self.waiting:
+            if seq.request_id in request_ids:
+                events.append(self._final_event(seq, FinishReason.ABORTED))
+            else:
+                kept_waiting.append(seq)
+        self.waiting = kept_waiting
+        leaving = [i for i, seq in enumerate(self.running) if seq.request_id in request_ids]
+        if leaving:
+            events.extend(self._final_event(self.running[i], FinishReason.ABORTED) for i in leaving)
+            self._keep_rows([i for i in range(len(self.running)) if i not in set(leaving)])
+        return events
+
+    def abort_all(self, kind: ErrorKind, message: str) -> list[SequenceEvent]:
+        events = [self._error_event(seq, kind, message) for seq in (*self.running, *self.waiting)]
+        self.waiting.clear()
+        self.running = []
+        self.batch = None
+        return events
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    @property
+    def batch_tokens(self) -> int:
+        return sum(seq.reserved_tokens for seq in self.running)
+
+    # ------------------------------------------------------------ steps
+
+    @torch.inference_mode()
+    def step(self) -> tuple[str, list[SequenceEvent]]:
+        """Run one prefill or decode step; returns its kind and its events."""
+        want_prefill = self.waiting and not (self._prefilled_last and self.running)
+        if want_prefill:
+            admitted = self._admit()
+            if admitted:
+                self._prefilled_last = True
+                return "prefill", self._guard_oom(admitted, lambda: self._prefill(admitted))
+        self._prefilled_last = False
+        if not self.running:
+            return "", []
+        return "decode", self._guard_oom(list(self.running), self._decode)
+
+    def _admit(self) -> list[Sequence]:
+        admitted = []
+        tokens = self.batch_tokens
+        slots = self.max_batch_size - len(self.running)
+        while self.waiting and len(admitted) < slots:
+            need = self.waiting[0].reserved_tokens
+            if tokens + need > self.max_batch_tokens:
+                break  # first come, first served: no overtaking by smaller requests
+            tokens += need
+            admitted.append(self.waiting.popleft())
+        return admitted
+
+    def _prefill(self, admitted: list[Sequence]) -> list[SequenceEvent]:
+        now = time.time()
+        for seq in admitted:
+            seq.start_time = now
+        new_batch, logits = KVBatch.prefill(
+            self.model, [s.call.prompt_token_ids for s in admitted], self.device, self.pad_token_id
+        )
+        events, keep = self._accept_tokens(admitted, logits)
+        survivors = [admitted[i] for i in keep]
+        if survivors:
+            new_batch = new_batch.filter(keep)
+            new_batch.set_next_tokens([seq.generated[-1] for seq in survivors])
+            if self.batch is None:
+                self.batch = new_batch
+            else:
+                self.batch = KVBatch.concatenate(self.batch, new_batch)
+            self.running.extend(survivors)
+        return events
+
+    def _decode(self) -> list[SequenceEvent]:
+        assert self.batch is not None
+        logits = self.batch.decode(self.model)
+        events, keep = self._accept_tokens(self.running, logits)
+        if len(keep) < len(self.running):
+            self._keep_rows(keep)
+        if self.running:
+            self.batch.set_next_tokens([seq.generated[-1] for seq in self.running])
+        return events
+
+    def _keep_rows(self, keep: list[int]) -> None:
+        self.running = [self.running[i] for i in keep]
+        if not self.running:
+            self.batch = None
+        elif self.batch is not None:
+            self.batch = self.batch.filter(keep)
+
+    def _guard_oom(self, seqs: list[Sequence], run) -> list[SequenceEvent]:
+        """Out of memory fails the step's requests, not the worker."""
+        try:
+            return run()
+        except torch.OutOfMemoryError as exc:
+            _LOGGER.warning("out of memory in a step of %d sequences: %s", len(seqs), exc)
+            # The batch tensors may be half-updated, so every running row fails with the step's own.
+            failed = {seq.request_id: seq for seq in (*seqs, *self.running)}
+            self.running, self.batch = [], None
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            return [
+                self._error_event(seq, ErrorKind.RESOURCE_EXHAUSTED, "out of memory on the device")
+                for seq in failed.values()
+            ]
+
+    # ------------------------------------------------------------ per-token bookkeeping
+
+    def _accept_tokens(self, seqs: list[Sequence], logits: torch.Tensor) -> tuple[list[SequenceEvent], list[int]]:
+        tokens = sample_next_tokens(
+            logits, [seq.row_sampling(self.eos_token_ids) for seq in seqs], self._eos_list
+        )
+        events, keep = [], []
+        for row, (seq, token) in enumerate(zip(seqs, tokens)):
+            event = self._advance(seq, token)
+            events.append(event)
+            if not event.finished:
+                keep.append(row)
+        return events, keep
+
+    def _advance(self, seq: Sequence, token: int) -> SequenceEvent:
+        seq.generated.append(token)
+        stopping = seq.call.stopping
+        finish = FinishReason.UNSPECIFIED
+        if token in self.eos_token_ids and not stopping.ignore_eos:
+            text, finish = seq.detokenizer.flush(), FinishReason.END_OF_SEQUENCE
+        else:
+            text, stopped = seq.detokenizer.add_token(token)
+            if stopped:
+                finish = FinishReason.STOP_SEQUENCE
+            elif len(seq.generated) >= stopping.max_new_tokens:
+                text += seq.detokenizer.flush()
+                finish = FinishReason.LENGTH
+        event = SequenceEvent(
+            request_id=seq.request_id,
+            token_ids=[token],
+            text=text,
+            finish_reason=finish,
+            prompt_tokens=len(seq.call.prompt_token_ids),
+            completion_tokens=len(seq.generated),
+        )
+        if not seq.started_reported:
+            event.start_time = seq.start_time
+            seq.started_reported = True
+        return event
+
+    def _final_event(self, seq: Sequence, reason: FinishReason) -> SequenceEvent:
+        return SequenceEvent(
+            request_id=seq.request_id,
+            finish_reason=reason,
+            prompt_tokens=len(seq.call.prompt_token_ids),
+            completion_tokens=len(seq.generated),
+        )
+
+    def _error_event(self, seq: Sequence, kind: ErrorKind, message: str) -> SequenceEvent:
+        event = self._final_event(seq, FinishReason.ERROR)
+        event.error_kind, event.error = kind, message
+        return event

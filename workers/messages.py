@@ -1,0 +1,177 @@
+"""Every message that crosses the process boundary between the frontend and a worker.
+
+Plain picklable dataclasses, no protobuf and no torch: the frontend converts
+protobuf into these at the gRPC edge, workers never see gRPC. Each message about
+a request carries its `request_id`. Workers send one `StepOutput` per engine
+step, holding that step's events for every sequence in the batch, so queue
+traffic grows with steps, not with tokens times requests.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+
+class FinishReason(enum.IntEnum):
+    """Why a sequence ended. Values match the protobuf enum for a trivial conversion."""
+
+    UNSPECIFIED = 0
+    LENGTH = 1
+    END_OF_SEQUENCE = 2
+    STOP_SEQUENCE = 3
+    # Not in the protobuf enum: the frontend aborted it (client cancelled, deadline).
+    ABORTED = 100
+    # Not in the protobuf enum: the request failed inside the worker (see `error`).
+    ERROR = 101
+
+
+class ErrorKind(enum.Enum):
+    """Failure classes a worker can report for one request; mapped to gRPC codes in service/errors.py."""
+
+    INVALID_ARGUMENT = "invalid_argument"
+    RESOURCE_EXHAUSTED = "resource_exhausted"
+    INTERNAL = "internal"
+
+
+# ---------------------------------------------------------------- frontend -> worker
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+
+
+@dataclass(frozen=True)
+class StoppingParams:
+    max_new_tokens: int = 256
+    min_new_tokens: int = 0
+    stop_sequences: tuple[str, ...] = ()
+    ignore_eos: bool = False
+
+
+@dataclass(frozen=True)
+class GenerateCall:
+    """A validated, tokenized request sent to one worker."""
+
+    request_id: int
+    prompt_token_ids: tuple[int, ...]
+    sampling: SamplingParams
+    stopping: StoppingParams
+    # time.time() when the frontend accepted the call; used for queue time.
+    arrival_time: float
+
+
+@dataclass(frozen=True)
+class AbortCall:
+    """Drop a request's sequence (client cancelled or deadline passed)."""
+
+    request_id: int
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    """Everything a worker process needs to start: given as the process's argument."""
+
+    worker_key: str  # "<model>/<index>", unique in the server
+    model_name: str
+    model_path: str  # a local folder, resolved by the frontend
+    cuda_visible_devices: str  # "" hides every GPU
+    dtype: str = "auto"
+    device_map: str | dict[str, object] | None = "auto"
+    max_memory: dict[str, str] | None = None
+    threads: int = 1
+    max_batch_size: int = 32
+    max_batch_tokens: int = 16384
+    memory_interval_s: float = 2.0
+
+
+@dataclass(frozen=True)
+class StopWorker:
+    """Sentinel: finish nothing more, exit the loop and the process."""
+
+
+# ---------------------------------------------------------------- worker -> frontend
+
+
+@dataclass(frozen=True)
+class DeviceMemory:
+    """torch.cuda.memory_* numbers for one visible device, in bytes."""
+
+    device: str
+    allocated: int
+    reserved: int
+    max_allocated: int
+    total: int
+
+
+@dataclass(frozen=True)
+class WorkerMemory:
+    """Memory numbers of one worker process; reading them is not free, so sent every few seconds."""
+
+    resident_bytes: int
+    devices: tuple[DeviceMemory, ...] = ()
+
+
+@dataclass(frozen=True)
+class WorkerReady:
+    """The model is loaded; sent once after start."""
+
+    worker_key: str
+    pid: int
+    dtype: str
+    devices: tuple[str, ...]
+    device_map_summary: dict[str, int]
+    context_length: int
+    memory: WorkerMemory
+
+
+@dataclass(frozen=True)
+class WorkerFailed:
+    """The worker could not start (model load failed); the process exits after sending it."""
+
+    worker_key: str
+    error: str
+
+
+@dataclass
+class SequenceEvent:
+    """What happened to one sequence in one step."""
+
+    request_id: int
+    token_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    finish_reason: FinishReason = FinishReason.UNSPECIFIED
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    # time.time() when the worker took the request into its batch (set on its first event).
+    start_time: float | None = None
+    error_kind: ErrorKind | None = None
+    error: str = ""
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason != FinishReason.UNSPECIFIED
+
+
+@dataclass
+class StepOutput:
+    """One engine step's events for every sequence it touched, plus the worker's numbers."""
+
+    worker_key: str
+    events: list[SequenceEvent]
+    # Sequences in the running batch and waiting for a place in it, after this step.
+    running: int = 0
+    waiting: int = 0
+    # Tokens reserved by the running batch (prompt + max_new_tokens of each row).
+    batch_tokens: int = 0
+    # "prefill", "decode", or "" when no model step ran (only aborts or a memory report).
+    step_kind: str = ""
+    step_seconds: float = 0.0
+    # Set every `memory_interval_s` seconds, None otherwise.
+    memory: WorkerMemory | None = None

@@ -1,0 +1,172 @@
+"""The worker process: pins its devices, loads one model, then runs the engine loop.
+
+`run_worker` is the target of a `spawn`ed process. It sets CUDA_VISIBLE_DEVICES
+and thread counts *before* importing torch (nothing this module imports at the
+top level pulls torch in), reports `WorkerReady`, then loops: take every new
+request and cancellation from its inbox, run one engine step, send one
+`StepOutput` with that step's events. It blocks on the inbox only when idle.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import time
+import traceback
+
+from workers.messages import (
+    AbortCall,
+    DeviceMemory,
+    ErrorKind,
+    GenerateCall,
+    StepOutput,
+    StopWorker,
+    WorkerFailed,
+    WorkerMemory,
+    WorkerReady,
+    WorkerSpec,
+)
+
+_LOGGER = logging.getLogger(__name__)
+
+
+def read_memory() -> WorkerMemory:
+    import psutil
+    import torch
+
+    devices = []
+    if torch.cuda.is_available():
+        for i in range(torch.cuda.device_count()):
+            _, total = torch.cuda.mem_get_info(i)
+            devices.append(
+                DeviceMemory(
+                    device=f"cuda:{i}",
+                    allocated=torch.cuda.memory_allocated(i),
+                    reserved=torch.cuda.memory_reserved(i),
+                    max_allocated=torch.cuda.max_memory_allocated(i),
+                    total=total,
+                )
+            )
+    return WorkerMemory(resident_bytes=psutil.Process().memory_info().rss, devices=tuple(devices))
+
+
+def load_engine(spec: WorkerSpec):
+    """Load the model with its placement; returns (engine, WorkerReady)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from workers.engine import Engine
+    from workers.placement import describe, from_pretrained_kwargs, input_device
+
+    config = AutoConfig.from_pretrained(spec.model_path)
+    kwargs = from_pretrained_kwargs(config, spec.dtype, spec.device_map, spec.max_memory)
+    _LOGGER.info("%s: loading %s with %s", spec.worker_key, spec.model_path, kwargs)
+    tokenizer = AutoTokenizer.from_pretrained(spec.model_path)
+    model = AutoModelForCausalLM.from_pretrained(spec.model_path, **kwargs)
+    if "device_map" not in kwargs and torch.cuda.is_available():
+        model.to("cuda:0")
+    model.eval()
+    eos = model.generation_config.eos_token_id
+    if eos is None:
+        eos = tokenizer.eos_token_id
+    eos_ids = [eos] if isinstance(eos, int) else list(eos or [])
+    engine = Engine(
+        model,
+        tokenizer,
+        device=input_device(model),
+        eos_token_ids=eos_ids,
+        max_batch_size=spec.max_batch_size,
+        max_batch_tokens=spec.max_batch_tokens,
+    )
+    devices, summary = describe(model)
+    ready = WorkerReady(
+        worker_key=spec.worker_key,
+        pid=os.getpid(),
+        dtype=str(next(model.parameters()).dtype).removeprefix("torch."),
+        devices=devices,
+        device_map_summary=summary,
+        context_length=int(getattr(config, "max_position_embeddings", 0) or 0),
+        memory=read_memory(),
+    )
+    return engine, ready
+
+
+def _drain(inbox, block: bool, timeout: float) -> list:
+    messages = []
+    try:
+        messages.append(inbox.get(timeout=timeout) if block else inbox.get_nowait())
+        while True:
+            messages.append(inbox.get_nowait())
+    except queue.Empty:
+        pass
+    return messages
+
+
+def serve_loop(spec: WorkerSpec, engine, inbox, outbox) -> None:
+    """Run until a StopWorker arrives. Separated from process start-up so tests can drive it in a thread."""
+    next_memory = time.monotonic() + spec.memory_interval_s
+    while True:
+        messages = _drain(inbox, block=not engine.has_work, timeout=spec.memory_interval_s)
+        events, aborts = [], set()
+        for message in messages:
+            if isinstance(message, StopWorker):
+                events.extend(engine.abort_all(ErrorKind.INTERNAL, "worker stopped"))
+                if events:
+                    outbox.put(StepOutput(worker_key=spec.worker_key, events=events))
+                return
+            if isinstance(message, GenerateCall):
+                error = engine.add(message)
+                if error is not None:
+                    events.append(error)
+            elif isinstance(message, AbortCall):
+                aborts.add(message.request_id)
+        if aborts:
+            events.extend(engine.abort(aborts))
+        kind, seconds = "", 0.0
+        if engine.has_work:
+            started = time.perf_counter()
+            kind, step_events = engine.step()
+            seconds = time.perf_counter() - started
+            events.extend(step_events)
+        memory = None
+        if time.monotonic() >= next_memory:
+            memory = read_memory()
+            next_memory = time.monotonic() + spec.memory_interval_s
+        if events or memory is not None or kind or messages:
+            outbox.put(
+                StepOutput(
+                    worker_key=spec.worker_key,
+                    events=events,
+                    running=len(engine.running),
+                    waiting=len(engine.waiting),
+                    batch_tokens=engine.batch_tokens,
+                    step_kind=kind,
+                    step_seconds=seconds,
+                    memory=memory,
+                )
+            )
+
+
+def run_worker(spec: WorkerSpec, inbox, outbox) -> None:
+    """Process entry point (spawn target)."""
+    # Before torch is imported: which GPUs this process sees, and how many CPU threads it uses.
+    os.environ["CUDA_VISIBLE_DEVICES"] = spec.cuda_visible_devices
+    os.environ.setdefault("OMP_NUM_THREADS", str(spec.threads))
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    logging.basicConfig(
+        level=os.environ.get("MODELPOOL_LOG_LEVEL", "INFO"),
+        format=f"%(asctime)s %(levelname)s worker[{spec.worker_key}] %(name)s: %(message)s",
+    )
+    import torch
+
+    torch.set_num_threads(spec.threads)
+    try:
+        engine, ready = load_engine(spec)
+    except Exception as exc:  # noqa: BLE001  (reported to the frontend, which decides)
+        _LOGGER.error("failed to load %s: %s", spec.model_path, traceback.format_exc())
+        outbox.put(WorkerFailed(worker_key=spec.worker_key, error=f"{type(exc).__name__}: {exc}"))
+        return
+    outbox.put(ready)
+    _LOGGER.info("%s ready: dtype=%s devices=%s", spec.worker_key, ready.dtype, ready.devices)
+    serve_loop(spec, engine, inbox, outbox)

@@ -161,12 +161,13 @@ def list_models_response(served: dict, pools: dict, default_model: str) -> pb.Li
                 index=w.index,
                 pid=w.pid if w.state.name in ("STARTING", "READY") else 0,
                 state=_WORKER_STATES[w.state.name],
-                cuda_visible_devices=w.spec.cuda_visible_devices,
+                cuda_visible_devices=w.ready.cuda_visible_devices if w.ready else w.spec.cuda_visible_devices,
                 devices=list(w.ready.devices) if w.ready else [],
                 device_map_summary=dict(w.ready.device_map_summary) if w.ready else {},
                 outstanding_requests=len(w.outstanding),
                 running_sequences=w.running,
                 restarts=w.restarts,
                 last_error=w.last_error,
+                completed_requests=w.completed,
             )
     return response

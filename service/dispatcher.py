@@ -227,6 +227,7 @@ class Dispatcher:
         if stream is None:
             return
         stream.worker.outstanding.discard(request_id)
+        stream.worker.completed += 1
         self._finish_metrics(stream)
         if stream.worker.state is not WorkerState.STOPPED:
             try:
@@ -251,6 +252,7 @@ class Dispatcher:
                 stream.finished = True
                 del self._streams[event.request_id]
                 handle.outstanding.discard(event.request_id)
+                handle.completed += 1
                 self._finish_metrics(stream)
             stream._put(event)
 

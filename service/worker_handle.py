@@ -43,12 +43,14 @@ class WorkerHandle:
         self._on_exit = on_exit
         self.state = WorkerState.STOPPED
         self.process = None
+        self._exited = threading.Event()
         self.inbox = None
         self.ready: WorkerReady | None = None
         self.outstanding: set[int] = set()
         self.running = 0
         self.waiting = 0
         self.restarts = 0
+        self.completed = 0
         self.consecutive_failures = 0
         self.last_error = ""
         self._generation = 0  # which process a thread's message belongs to
@@ -77,9 +79,10 @@ class WorkerHandle:
         self.process.start()
         _LOGGER.info("started worker %s (pid %d, CUDA_VISIBLE_DEVICES=%r)", self.key, self.pid, self.spec.cuda_visible_devices)
         process = self.process
+        self._exited = threading.Event()
         threading.Thread(target=self._relay, args=(outbox, generation), daemon=True, name=f"relay-{self.key}").start()
         threading.Thread(
-            target=self._watch, args=(process, outbox, generation), daemon=True, name=f"watch-{self.key}"
+            target=self._watch, args=(process, outbox, generation, self._exited), daemon=True, name=f"watch-{self.key}"
         ).start()
 
     def _relay(self, outbox, generation: int) -> None:
@@ -89,8 +92,10 @@ class WorkerHandle:
                 return
             self._post(generation, self._handle_message, message)
 
-    def _watch(self, process, outbox, generation: int) -> None:
+    def _watch(self, process, outbox, generation: int, exited: threading.Event) -> None:
+        # The only thread that joins (reaps) the process; others wait for `exited`.
         process.join()
+        exited.set()
         # Let the relay drain what the process wrote before it died, then stop it.
         outbox.put(None)
         self._post(generation, self._handle_exit, process.exitcode)
@@ -136,18 +141,16 @@ class WorkerHandle:
         """Ask the worker to exit, then make sure it did (blocking; call from a thread)."""
         self.state = WorkerState.STOPPED
         self._generation += 1  # late messages of this process are ignored
-        process = self.process
-        if process is None or not process.is_alive():
+        process, exited = self.process, self._exited
+        if process is None or exited.is_set():
             return
         try:
             self.inbox.put(StopWorker())
         except (OSError, ValueError):
             pass
-        process.join(timeout)
-        if process.is_alive():
+        if not exited.wait(timeout):
             _LOGGER.warning("worker %s did not stop in %.0f s; terminating", self.key, timeout)
             process.terminate()
-            process.join(5)
-        if process.is_alive():
-            process.kill()
-            process.join()
+            if not exited.wait(5):
+                process.kill()
+                exited.wait()

@@ -124,6 +124,8 @@ class WorkerReady:
 
     worker_key: str
     pid: int
+    # CUDA_VISIBLE_DEVICES as the worker process itself sees it.
+    cuda_visible_devices: str
     dtype: str
     devices: tuple[str, ...]
     device_map_summary: dict[str, int]

@@ -83,6 +83,7 @@ def load_engine(spec: WorkerSpec):
     ready = WorkerReady(
         worker_key=spec.worker_key,
         pid=os.getpid(),
+        cuda_visible_devices=os.environ.get("CUDA_VISIBLE_DEVICES", ""),
         dtype=str(next(model.parameters()).dtype).removeprefix("torch."),
         devices=devices,
         device_map_summary=summary,

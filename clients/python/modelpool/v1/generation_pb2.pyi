@@ -165,7 +165,7 @@ class ListModelsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class WorkerInfo(_message.Message):
-    __slots__ = ("index", "pid", "state", "cuda_visible_devices", "devices", "device_map_summary", "outstanding_requests", "running_sequences", "restarts", "last_error")
+    __slots__ = ("index", "pid", "state", "cuda_visible_devices", "devices", "device_map_summary", "outstanding_requests", "running_sequences", "restarts", "last_error", "completed_requests")
     class DeviceMapSummaryEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -183,6 +183,7 @@ class WorkerInfo(_message.Message):
     RUNNING_SEQUENCES_FIELD_NUMBER: _ClassVar[int]
     RESTARTS_FIELD_NUMBER: _ClassVar[int]
     LAST_ERROR_FIELD_NUMBER: _ClassVar[int]
+    COMPLETED_REQUESTS_FIELD_NUMBER: _ClassVar[int]
     index: int
     pid: int
     state: WorkerState
@@ -193,7 +194,8 @@ class WorkerInfo(_message.Message):
     running_sequences: int
     restarts: int
     last_error: str
-    def __init__(self, index: _Optional[int] = ..., pid: _Optional[int] = ..., state: _Optional[_Union[WorkerState, str]] = ..., cuda_visible_devices: _Optional[str] = ..., devices: _Optional[_Iterable[str]] = ..., device_map_summary: _Optional[_Mapping[str, int]] = ..., outstanding_requests: _Optional[int] = ..., running_sequences: _Optional[int] = ..., restarts: _Optional[int] = ..., last_error: _Optional[str] = ...) -> None: ...
+    completed_requests: int
+    def __init__(self, index: _Optional[int] = ..., pid: _Optional[int] = ..., state: _Optional[_Union[WorkerState, str]] = ..., cuda_visible_devices: _Optional[str] = ..., devices: _Optional[_Iterable[str]] = ..., device_map_summary: _Optional[_Mapping[str, int]] = ..., outstanding_requests: _Optional[int] = ..., running_sequences: _Optional[int] = ..., restarts: _Optional[int] = ..., last_error: _Optional[str] = ..., completed_requests: _Optional[int] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
     __slots__ = ("name", "source", "dtype", "context_length", "has_chat_template", "workers", "is_default")

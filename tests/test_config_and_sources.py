@@ -1,0 +1,103 @@
+"""Configuration parsing and model sources (built-in, local folder, Hugging Face cache offline)."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+
+from service import config, model_source
+from workers import builtin_model
+
+
+def test_toml_config_and_worker_specs(tmp_path):
+    path = tmp_path / "c.toml"
+    path.write_text(
+        """
+[server]
+port = 6000
+[[models]]
+name = "m"
+source = "builtin"
+max_batch_size = 4
+[[models.workers]]
+devices = [0, 1]
+dtype = "bfloat16"
+device_map = "balanced"
+max_memory = { 0 = "10GiB", 1 = "10GiB" }
+[[models.workers]]
+devices = [2]
+replicas = 2
+device_map = { "model" = 0, "lm_head" = 0 }
+"""
+    )
+    cfg = config.load(str(path))
+    specs = cfg.worker_specs(cfg.models[0], "/models/m")
+    assert [s.cuda_visible_devices for s in specs] == ["0,1", "2", "2"]
+    assert [s.worker_key for s in specs] == ["m/0", "m/1", "m/2"]
+    assert specs[0].dtype == "bfloat16" and specs[0].device_map == "balanced"
+    assert specs[0].max_memory == {"0": "10GiB", "1": "10GiB"}
+    assert specs[1].device_map == {"model": 0, "lm_head": 0}
+    assert cfg.port == 6000 and cfg.default_model_name == "m"
+
+
+@pytest.mark.parametrize(
+    "text, key",
+    [
+        ("[[models]]\nname='m'\nbogus=1", "bogus"),
+        ("[[models]]\nname='m'\n[[models.workers]]\ndtype='int3'", "dtype"),
+        ("[[models]]\nname='m'\n[[models.workers]]\ndevice_map='everywhere'", "device_map"),
+        ("[server]\ndefault_model='x'\n[[models]]\nname='m'", "default_model"),
+        ("[server]\nport=1", "models"),
+    ],
+)
+def test_config_errors_name_the_key(tmp_path, text, key):
+    path = tmp_path / "c.toml"
+    path.write_text(text)
+    with pytest.raises(config.ConfigError, match=key):
+        config.load(str(path))
+
+
+def test_flags_split_devices_among_workers():
+    cfg = config.from_flags("builtin", workers=2, devices=[0, 1, 2, 3])
+    specs = cfg.worker_specs(cfg.models[0], "/x")
+    assert [s.cuda_visible_devices for s in specs] == ["0,1", "2,3"]
+    assert cfg.models[0].name == "smollm2"
+    cpu = config.from_flags("builtin", workers=2)
+    assert [s.cuda_visible_devices for s in cpu.worker_specs(cpu.models[0], "/x")] == ["", ""]
+
+
+def test_builtin_and_local_sources(tiny_dir, tmp_path):
+    assert model_source.resolve("builtin") == builtin_model.cache_dir()
+    assert (builtin_model.cache_dir() / "model.safetensors").exists()
+    assert model_source.resolve(str(tiny_dir)) == tiny_dir.resolve()
+    with pytest.raises(model_source.ModelSourceError, match="config.json"):
+        model_source.resolve(str(tmp_path))
+    with pytest.raises(model_source.ModelSourceError, match="no such folder"):
+        model_source.resolve("./not/here/either")
+
+
+def test_hub_source_comes_from_hf_hub_cache_offline(tiny_dir, tmp_path, monkeypatch):
+    """A repo id resolves through huggingface_hub's own cache layout, honouring HF_HUB_CACHE and HF_HUB_OFFLINE."""
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hub" / "models--test-org--tiny"
+    shutil.copytree(tiny_dir, repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import importlib
+
+    import huggingface_hub.constants
+
+    importlib.reload(huggingface_hub.constants)
+    try:
+        for source in ("hf:test-org/tiny", "test-org/tiny"):
+            path = model_source.resolve(source)
+            assert path == repo / "snapshots" / commit
+            assert (path / "config.json").exists()
+        with pytest.raises(model_source.ModelSourceError, match="HF_HUB_OFFLINE"):
+            model_source.resolve("hf:test-org/missing")
+    finally:
+        monkeypatch.undo()
+        importlib.reload(huggingface_hub.constants)

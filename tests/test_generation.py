@@ -1,0 +1,123 @@
+"""Generate and StreamGenerate through gRPC against the real server: text, streaming, stops, seeds, workers."""
+
+from __future__ import annotations
+
+import concurrent.futures
+
+import pytest
+
+from modelpool.v1 import generation_pb2 as pb
+
+CHAT = [("system", "You are terse."), ("user", "Tell me about the sea.")]
+
+
+def stream_pieces(client, **kwargs) -> list[pb.StreamGenerateResponse]:
+    return list(client.stream(**kwargs))
+
+
+def test_unary_raw_prompt(client):
+    reply = client.generate("The quick brown fox", max_new_tokens=12, ignore_eos=True)
+    assert reply.finish_reason == pb.FINISH_REASON_LENGTH
+    assert reply.usage.completion_tokens == 12
+    assert len(reply.token_ids) == 12
+    assert reply.usage.prompt_tokens > 0
+    assert reply.text
+    assert reply.model == "tiny"
+    assert reply.timings.total_seconds >= reply.timings.time_to_first_token_seconds > 0
+
+
+@pytest.mark.parametrize("use_chat", [False, True], ids=["prompt", "chat"])
+def test_stream_deltas_concatenate_to_unary_text(client, use_chat):
+    request = {"messages": CHAT} if use_chat else {"prompt": "Once upon a time"}
+    options = {"max_new_tokens": 24, "ignore_eos": True}
+    unary = (client.chat(CHAT, **options) if use_chat else client.generate("Once upon a time", **options))
+    pieces = stream_pieces(client, **request, **options)
+    assert "".join(p.text_delta for p in pieces) == unary.text
+    assert [t for p in pieces for t in p.token_ids] == list(unary.token_ids)
+    last = pieces[-1]
+    assert last.finish_reason == unary.finish_reason == pb.FINISH_REASON_LENGTH
+    assert last.usage == unary.usage
+    assert all(p.finish_reason == pb.FINISH_REASON_UNSPECIFIED for p in pieces[:-1])
+
+
+def test_chat_uses_the_chat_template(client):
+    chat = client.chat([("user", "hello")], max_new_tokens=4, ignore_eos=True)
+    raw = client.generate("hello", max_new_tokens=4, ignore_eos=True)
+    # The template wraps the message in turn markers, so the prompt is longer than the bare text.
+    assert chat.usage.prompt_tokens > raw.usage.prompt_tokens + 3
+
+
+def test_stop_sequence_is_cut_exactly(client):
+    base = client.generate("Stop test:", max_new_tokens=40, ignore_eos=True)
+    text = base.text
+    # A stop sequence taken from the middle of what the model writes anyway.
+    start = next(i for i in range(len(text) // 3, len(text) - 3) if text[i : i + 3].strip() == text[i : i + 3])
+    stop = text[start : start + 3]
+    expected = text[: text.index(stop)]
+    unary = client.generate("Stop test:", max_new_tokens=40, ignore_eos=True, stop_sequences=[stop])
+    assert unary.finish_reason == pb.FINISH_REASON_STOP_SEQUENCE
+    assert unary.text == expected
+    pieces = stream_pieces(client, prompt="Stop test:", max_new_tokens=40, ignore_eos=True, stop_sequences=[stop])
+    assert "".join(p.text_delta for p in pieces) == expected
+    assert pieces[-1].finish_reason == pb.FINISH_REASON_STOP_SEQUENCE
+
+
+def test_seed_reproducibility(client):
+    options = {"max_new_tokens": 20, "ignore_eos": True, "temperature": 1.0, "top_k": 50}
+    first = client.generate("Random words:", seed=1234, **options)
+    again = client.generate("Random words:", seed=1234, **options)
+    other = client.generate("Random words:", seed=4321, **options)
+    assert list(first.token_ids) == list(again.token_ids)
+    assert first.text == again.text
+    assert list(first.token_ids) != list(other.token_ids)
+
+
+def test_min_new_tokens_and_greedy_is_deterministic(client):
+    a = client.generate("Count:", max_new_tokens=10, min_new_tokens=10)
+    b = client.generate("Count:", max_new_tokens=10, min_new_tokens=10)
+    assert a.usage.completion_tokens == 10
+    assert list(a.token_ids) == list(b.token_ids)
+
+
+def test_two_workers_both_serve_with_their_own_devices(client):
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        replies = list(pool.map(lambda i: client.generate(f"Request {i}", max_new_tokens=16, ignore_eos=True), range(8)))
+    assert all(r.usage.completion_tokens == 16 for r in replies)
+    tiny = next(m for m in client.models() if m.name == "tiny")
+    assert [w.cuda_visible_devices for w in tiny.workers] == ["0", "1"]
+    assert all(w.state == pb.WORKER_STATE_READY for w in tiny.workers)
+    assert len({w.pid for w in tiny.workers}) == 2
+    assert all(w.completed_requests > 0 for w in tiny.workers), [w.completed_requests for w in tiny.workers]
+
+
+def test_list_models(client):
+    models = {m.name: m for m in client.models()}
+    assert set(models) == {"tiny", "nochat", "limited", "fragile", "builtin"}
+    tiny = models["tiny"]
+    assert tiny.is_default and tiny.dtype == "float32" and tiny.context_length == 512
+    assert tiny.has_chat_template and not models["nochat"].has_chat_template
+    assert tiny.workers[0].devices == ["cpu"]
+    assert models["builtin"].source == "builtin"
+
+
+@pytest.mark.builtin
+def test_builtin_model_knows_paris(client):
+    reply = client.chat([("user", "What is the capital of France?")], model="builtin", max_new_tokens=20)
+    assert "Paris" in reply.text
+    assert reply.finish_reason == pb.FINISH_REASON_END_OF_SEQUENCE
+
+
+@pytest.mark.builtin
+def test_chinese_streams_without_broken_characters(client):
+    messages = [("user", "请用中文回答：中国的首都是哪里？")]
+    pieces = stream_pieces(client, messages=messages, model="builtin", max_new_tokens=40, ignore_eos=True)
+    unary = client.chat(messages, model="builtin", max_new_tokens=40, ignore_eos=True)
+    assert all("\ufffd" not in p.text_delta for p in pieces)
+    assert "".join(p.text_delta for p in pieces) == unary.text
+    # The model answers with non-ASCII text, so multi-byte characters did cross token boundaries.
+    assert any(ord(ch) > 0x2E80 for ch in unary.text), unary.text
+
+
+def test_unknown_default_model_field_routes_to_default(client):
+    reply = client.generate("x", model="", max_new_tokens=2, ignore_eos=True)
+    assert reply.model == "tiny"

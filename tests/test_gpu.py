@@ -1,0 +1,52 @@
+"""GPU checks: run where CUDA is visible (the lent H200), skipped elsewhere."""
+
+from __future__ import annotations
+
+import pytest
+
+torch = pytest.importorskip("torch")
+pytestmark = pytest.mark.gpu
+needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@needs_gpu
+def test_auto_dtype_is_bf16_on_cuda_and_placed_on_the_gpu(tiny_dir, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from workers.messages import WorkerSpec
+    from workers.worker_main import load_engine
+
+    bf16_dir = tmp_path / "bf16"
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.bfloat16)
+    model.save_pretrained(bf16_dir)
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        (bf16_dir / name).write_bytes((tiny_dir / name).read_bytes())
+    engine, ready = load_engine(WorkerSpec("g/0", "g", str(bf16_dir), cuda_visible_devices="0"))
+    assert ready.dtype == "bfloat16"
+    assert all(d.startswith("cuda") for d in ready.devices)
+    assert ready.memory.devices and ready.memory.devices[0].allocated > 0
+    assert ready.memory.devices[0].total > ready.memory.devices[0].reserved > 0
+
+
+@needs_gpu
+def test_server_on_gpu_reports_placement_and_memory(tiny_dir, tmp_path):
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from modelpool import Client
+    from tests.server_process import ServerProcess
+
+    proc = ServerProcess(["--model", str(tiny_dir), "--devices", "0"], tmp_path / "server.log")
+    try:
+        proc.wait_serving()
+        with Client(proc.target, timeout=60) as client:
+            assert client.generate("gpu", max_new_tokens=4, ignore_eos=True).usage.completion_tokens == 4
+            worker = client.models()[0].workers[0]
+            assert worker.cuda_visible_devices == "0" and worker.devices == ["cuda:0"]
+        text = urllib.request.urlopen(proc.metrics_url, timeout=10).read().decode()
+        families = {f.name: f for f in text_string_to_metric_families(text)}
+        for name in ("modelpool_gpu_memory_allocated_bytes", "modelpool_gpu_memory_total_bytes"):
+            assert any(s.value > 0 for s in families[name].samples), name
+    finally:
+        proc.stop()

@@ -121,3 +121,46 @@ def test_burst_with_aborts_leaves_no_sequence(engine):
         engine.step()
     assert not engine.has_work
     assert engine.running == [] and len(engine.waiting) == 0 and engine.batch is None
+
+
+class _OutOfMemoryOnLongPrompts:
+    """Wraps the model: a prefill longer than `limit` tokens runs out of (simulated) device memory."""
+
+    def __init__(self, model, limit):
+        self._model, self._limit = model, limit
+
+    def __call__(self, input_ids, **kwargs):
+        import torch
+
+        if input_ids.shape[1] > self._limit:
+            raise torch.OutOfMemoryError("simulated: CUDA out of memory")
+        return self._model(input_ids=input_ids, **kwargs)
+
+
+def test_out_of_memory_fails_only_the_request_that_caused_it(engine):
+    from workers.messages import ErrorKind
+
+    alone = run_all(engine, [make_call(i, engine, PROMPTS[i], max_new=15) for i in range(2)])
+    real_model = engine.model
+    engine.model = _OutOfMemoryOnLongPrompts(real_model, limit=40)
+    try:
+        calls = [(0, make_call(0, engine, PROMPTS[0], max_new=15)), (0, make_call(1, engine, PROMPTS[1], max_new=15))]
+        huge = make_call(2, engine, "many words " * 30, max_new=5)
+        errors = []
+        out = {}
+        for step in range(100):
+            if step == 3:
+                engine.add(huge)
+            while calls and calls[0][0] <= step:
+                engine.add(calls.pop(0)[1])
+            if not engine.has_work and not calls and step > 3:
+                break
+            for event in engine.step()[1]:
+                if event.error_kind is not None:
+                    errors.append(event)
+                else:
+                    out[event.request_id] = out.get(event.request_id, []) + event.token_ids
+    finally:
+        engine.model = real_model
+    assert [(e.request_id, e.error_kind) for e in errors] == [(2, ErrorKind.RESOURCE_EXHAUSTED)]
+    assert out == {0: alone[0][0], 1: alone[1][0]}

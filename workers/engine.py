@@ -80,6 +80,7 @@ class Engine:
         self.running: list[Sequence] = []
         self.batch: KVBatch | None = None
         self._prefilled_last = False
+        self._joining: list[Sequence] = []
 
     # ------------------------------------------------------------ between steps
 
@@ -150,7 +151,7 @@ class Engine:
         self._prefilled_last = False
         if not self.running:
             return "", []
-        return "decode", self._guard_oom(list(self.running), self._decode)
+        return "decode", self._guard_oom(self.running, self._decode)
 
     def _admit(self) -> list[Sequence]:
         admitted = []
@@ -168,6 +169,8 @@ class Engine:
         now = time.time()
         for seq in admitted:
             seq.start_time = now
+        # Until the newcomers are concatenated, the running batch is untouched: running out of memory
+        # here fails only the newcomers.
         new_batch, logits = KVBatch.prefill(
             self.model, [s.call.prompt_token_ids for s in admitted], self.device, self.pad_token_id
         )
@@ -176,11 +179,10 @@ class Engine:
         if survivors:
             new_batch = new_batch.filter(keep)
             new_batch.set_next_tokens([seq.generated[-1] for seq in survivors])
-            if self.batch is None:
-                self.batch = new_batch
-            else:
-                self.batch = KVBatch.concatenate(self.batch, new_batch)
+            self._joining = survivors
+            self.batch = new_batch if self.batch is None else KVBatch.concatenate(self.batch, new_batch)
             self.running.extend(survivors)
+            self._joining = []
         return events
 
     def _decode(self) -> list[SequenceEvent]:
@@ -201,14 +203,19 @@ class Engine:
             self.batch = self.batch.filter(keep)
 
     def _guard_oom(self, seqs: list[Sequence], run) -> list[SequenceEvent]:
-        """Out of memory fails the step's requests, not the worker."""
+        """Out of device memory fails requests, not the worker.
+
+        A prefill that fails before its newcomers join fails only them. A failed decode (or join) may leave
+        the cache half-updated, so every running sequence fails with it."""
         try:
             return run()
         except torch.OutOfMemoryError as exc:
-            _LOGGER.warning("out of memory in a step of %d sequences: %s", len(seqs), exc)
-            # The batch tensors may be half-updated, so every running row fails with the step's own.
-            failed = {seq.request_id: seq for seq in (*seqs, *self.running)}
-            self.running, self.batch = [], None
+            batch_touched = seqs is self.running or bool(self._joining)
+            failed = {seq.request_id: seq for seq in (*seqs, *(self.running if batch_touched else ()))}
+            _LOGGER.warning("out of memory in a step, failing %d sequences: %s", len(failed), exc)
+            if batch_touched:
+                self.running, self.batch = [], None
+            self._joining = []
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
             return [

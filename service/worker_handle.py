@@ -12,6 +12,8 @@ import asyncio
 import enum
 import logging
 import multiprocessing
+import pickle
+import queue
 import threading
 from typing import Callable
 
@@ -20,6 +22,8 @@ from workers.worker_main import run_worker
 
 _LOGGER = logging.getLogger(__name__)
 _MP = multiprocessing.get_context("spawn")
+# How long the relay waits on an empty outbox before checking whether the process has exited.
+_EXIT_POLL_S = 0.2
 
 
 class WorkerState(enum.Enum):
@@ -80,25 +84,31 @@ class WorkerHandle:
         _LOGGER.info("started worker %s (pid %d, CUDA_VISIBLE_DEVICES=%r)", self.key, self.pid, self.spec.cuda_visible_devices)
         process = self.process
         self._exited = threading.Event()
-        threading.Thread(target=self._relay, args=(outbox, generation), daemon=True, name=f"relay-{self.key}").start()
         threading.Thread(
-            target=self._watch, args=(process, outbox, generation, self._exited), daemon=True, name=f"watch-{self.key}"
+            target=self._relay, args=(process, outbox, generation, self._exited), daemon=True, name=f"relay-{self.key}"
         ).start()
+        threading.Thread(target=self._watch, args=(process, self._exited), daemon=True, name=f"watch-{self.key}").start()
 
-    def _relay(self, outbox, generation: int) -> None:
+    def _relay(self, process, outbox, generation: int, exited: threading.Event) -> None:
+        """Relay messages in order; report the exit only after everything the process wrote was relayed."""
         while True:
-            message = outbox.get()
-            if message is None:  # put by _watch once the process is gone
-                return
+            try:
+                message = outbox.get(timeout=_EXIT_POLL_S)
+            except queue.Empty:
+                if exited.is_set():
+                    self._post(generation, self._handle_exit, process.exitcode)
+                    return
+                continue
+            except (EOFError, OSError, pickle.UnpicklingError) as exc:  # a process killed mid-write
+                _LOGGER.warning("worker %s: unreadable message: %s", self.key, exc)
+                continue
             self._post(generation, self._handle_message, message)
 
-    def _watch(self, process, outbox, generation: int, exited: threading.Event) -> None:
+    @staticmethod
+    def _watch(process, exited: threading.Event) -> None:
         # The only thread that joins (reaps) the process; others wait for `exited`.
         process.join()
         exited.set()
-        # Let the relay drain what the process wrote before it died, then stop it.
-        outbox.put(None)
-        self._post(generation, self._handle_exit, process.exitcode)
 
     def _post(self, generation: int, fn, *args) -> None:
         try:

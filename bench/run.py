@@ -68,6 +68,7 @@ PROFILES = {
         "tiny_max_new_tokens": 64,
         "static_repeats": 2,
         "engine_rounds": 4,
+        "tiny_repeats": 3,
     },
     "smoke": {
         "concurrency": [1, 2],
@@ -77,6 +78,7 @@ PROFILES = {
         "tiny_max_new_tokens": 8,
         "static_repeats": 1,
         "engine_rounds": 1,
+        "tiny_repeats": 1,
     },
 }
 
@@ -186,7 +188,7 @@ def running(server: ServerProcess, start_timeout_s: float):
         server.stop()
 
 
-def modelpool_command(model: str, port: int, max_batch_size: int) -> list[str]:
+def modelpool_command(model: str, port: int, max_batch_size: int, threads: int) -> list[str]:
     return [
         sys.executable, "-m", "service.cli",
         "--model", model,
@@ -195,6 +197,7 @@ def modelpool_command(model: str, port: int, max_batch_size: int) -> list[str]:
         "--port", str(port),
         "--metrics-port", "0",
         "--max-batch-size", str(max_batch_size),
+        "--threads", str(threads),  # the same torch threads as the in-process references
         "--drain-timeout", "5",
     ]  # fmt: skip
 
@@ -271,7 +274,7 @@ def run_builtin_part(args: argparse.Namespace) -> dict:
     print(f"\n== {args.model} model: modelpool vs naive server vs static batch (N = {plan.max_new_tokens})", flush=True)
     model_arg = server_model_arg(args.model)
     port = free_port()
-    command = modelpool_command(model_arg, port, args.max_batch_size)
+    command = modelpool_command(model_arg, port, args.max_batch_size, args.threads)
     modelpool = ServerProcess("modelpool", command, port, args.out_dir / "modelpool-builtin.log")
     modelpool_reports = measure_server(modelpool, "modelpool", plan, args.start_timeout)
     port = free_port()
@@ -296,34 +299,50 @@ def run_builtin_part(args: argparse.Namespace) -> dict:
     return {"model": args.model, "modelpool": modelpool_reports, "naive": naive_reports, "static": static["results"]}
 
 
+def _median_run(runs: list[dict]) -> dict:
+    return sorted(runs, key=lambda run: run["tokens_per_s"])[len(runs) // 2]
+
+
 def run_tiny_part(args: argparse.Namespace) -> dict:
+    """Engine in-process and served, alternated `tiny_repeats` times, medians compared.
+
+    This machine's speed drifts by +-20% over minutes (shared cores), so one engine run followed by one
+    served run compares two different machines. The server stays up but idle (its worker blocks on its
+    queue) while the in-process engine runs, so still only one thing computes at a time."""
     concurrency, n = args.tiny_concurrency, args.tiny_max_new_tokens
-    print(f"\n== tiny model: serving overhead at C = {concurrency} (N = {n})", flush=True)
-    engine = run_inprocess(
-        [
-            "engine",
-            "--model", "tiny",
-            "--concurrency", str(concurrency),
-            "--max-new-tokens", str(n),
-            "--rounds", str(args.engine_rounds),
-            "--max-batch-size", str(max(args.max_batch_size, concurrency)),
-            "--threads", str(args.threads),
-        ],
-        args.out_dir,
-        "engine-tiny",
-        args.run_timeout,
-    )  # fmt: skip
-    print(f"  {'engine':<10} C={concurrency} {engine['tokens_per_s']:.1f} tok/s (in-process)", flush=True)
+    print(f"\n== tiny model: serving overhead at C = {concurrency} (N = {n}), {args.tiny_repeats} alternations", flush=True)
+    engine_args = [
+        "engine",
+        "--model", "tiny",
+        "--concurrency", str(concurrency),
+        "--max-new-tokens", str(n),
+        "--rounds", str(args.engine_rounds),
+        "--max-batch-size", str(max(args.max_batch_size, concurrency)),
+        "--threads", str(args.threads),
+    ]  # fmt: skip
+    # Builds the tiny model if needed and tells where it is.
+    engines = [run_inprocess(engine_args, args.out_dir, "engine-tiny-0", args.run_timeout)]
     port = free_port()
     server = ServerProcess(
         "modelpool-tiny",
-        modelpool_command(engine["model_path"], port, max(args.max_batch_size, concurrency)),
+        modelpool_command(engines[0]["model_path"], port, max(args.max_batch_size, concurrency), args.threads),
         port,
         args.out_dir / "modelpool-tiny.log",
     )
     plan = LoadPlan([concurrency], {concurrency: args.tiny_requests}, n, args.run_timeout)
-    served = measure_server(server, "modelpool", plan, args.start_timeout)[0]
-    return {"engine": engine, "modelpool": served}
+    served = []
+    with running(server, args.start_timeout):
+        for repeat in range(args.tiny_repeats):
+            if repeat:
+                engines.append(run_inprocess(engine_args, args.out_dir, f"engine-tiny-{repeat}", args.run_timeout))
+            print(f"  {'engine':<10} C={concurrency} {engines[-1]['tokens_per_s']:.1f} tok/s (in-process)", flush=True)
+            served.append(asyncio.run(_load_all("modelpool", server.target, plan))[0].to_dict())
+    return {
+        "engine": _median_run(engines),
+        "modelpool": _median_run(served),
+        "engine_runs": [run["tokens_per_s"] for run in engines],
+        "modelpool_runs": [run["tokens_per_s"] for run in served],
+    }
 
 
 # ---------------------------------------------------------------- comparison and report
@@ -469,7 +488,16 @@ def tiny_table(tiny: dict) -> str:
         ],
     ]
     headers = ["tiny model", "C", "tokens", "tok/s", "vs in-process", "load generator CPU"]
-    return render_table(headers, rows) + "\n(load generator CPU: CPU time of the client / wall time, on the same cores)"
+    runs = ""
+    if "engine_runs" in tiny:
+        runs = "\n(medians of alternating runs: in-process {}, served {} tok/s)".format(
+            ", ".join(f"{v:.0f}" for v in tiny["engine_runs"]), ", ".join(f"{v:.0f}" for v in tiny["modelpool_runs"])
+        )
+    return (
+        render_table(headers, rows)
+        + "\n(load generator CPU: CPU time of the client / wall time, on the same cores)"
+        + runs
+    )
 
 
 def machine_info(threads: int) -> dict:
@@ -547,6 +575,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--tiny-max-new-tokens", type=int, help="tiny part: tokens per request")
     parser.add_argument("--static-repeats", type=int, help="timed runs of each static batch")
     parser.add_argument("--engine-rounds", type=int, help="timed rounds of the in-process engine")
+    parser.add_argument("--tiny-repeats", type=int, help="tiny part: alternations of in-process and served runs")
     parser.add_argument("--max-batch-size", type=int, default=64, help="modelpool --max-batch-size")
     parser.add_argument(
         "--threads", type=int, default=os.cpu_count() or 1, help="torch threads of in-process runs and the naive server"

@@ -180,6 +180,7 @@ def from_flags(
     devices: list[int] | None = None,
     dtype: str = "auto",
     device_map: str = "auto",
+    threads: int = 0,
     name: str | None = None,
     **server: Any,
 ) -> ServerConfig:
@@ -190,7 +191,7 @@ def from_flags(
     per_worker = len(devices) // workers if devices else 0
     groups = [
         WorkerGroupConfig(
-            devices=devices[i * per_worker : (i + 1) * per_worker], dtype=dtype, device_map=device_map
+            devices=devices[i * per_worker : (i + 1) * per_worker], dtype=dtype, device_map=device_map, threads=threads
         )
         for i in range(workers)
     ]

@@ -56,10 +56,12 @@ class Timings:
 class RequestStream:
     """The events of one request, read by its RPC handler; filled by the dispatcher."""
 
-    def __init__(self, dispatcher: "Dispatcher", request_id: int, model: str, worker: WorkerHandle, arrival: float):
+    def __init__(
+        self, dispatcher: "Dispatcher", request_id: int, series: metrics.ModelSeries, worker: WorkerHandle, arrival: float
+    ):
         self._dispatcher = dispatcher
         self.request_id = request_id
-        self.model = model
+        self.series = series
         self.worker = worker
         self.timings = Timings(arrival=arrival)
         self.finished = False
@@ -75,25 +77,19 @@ class RequestStream:
         self._failure = error
         self._wakeup.set()
 
-    def __aiter__(self):
-        return self._iterate()
-
-    async def _iterate(self):
-        """Yield lists of events (everything that arrived since the last read) until the request ends."""
-        while True:
-            if not self._events and self._failure is None:
-                self._wakeup.clear()
-                await self._wakeup.wait()
-            events, self._events = self._events, []
-            for event in events:
-                if event.finish_reason is FinishReason.ERROR:
-                    raise from_worker(event.error_kind, event.error)
-            if events:
-                yield events
-                if events[-1].finished:
-                    return
-            elif self._failure is not None:
+    async def next_events(self) -> list[SequenceEvent]:
+        """Everything that arrived since the last call (waiting for at least one event); the last list ends
+        with the finishing event. Raises the request's failure (a worker error, a dead worker)."""
+        while not self._events:
+            if self._failure is not None:
                 raise self._failure
+            self._wakeup.clear()
+            await self._wakeup.wait()
+        events, self._events = self._events, []
+        for event in events:
+            if event.finish_reason is FinishReason.ERROR:
+                raise from_worker(event.error_kind, event.error)
+        return events
 
     def close(self) -> None:
         """Called when the handler is done, however it ended: an unfinished request is aborted in its worker."""
@@ -107,6 +103,7 @@ class ModelPool:
     def __init__(self, config: ModelConfig):
         self.config = config
         self.workers: list[WorkerHandle] = []
+        self.series = metrics.ModelSeries(config.name)
 
     @property
     def ready_workers(self) -> list[WorkerHandle]:
@@ -140,6 +137,7 @@ class Dispatcher:
         self._streams: dict[int, RequestStream] = {}
         self._ids = itertools.count(1)
         self._closing = False
+        self._drained = asyncio.Event()
         self._all_ready = False
 
     # ------------------------------------------------------------ workers
@@ -178,7 +176,7 @@ class Dispatcher:
         metrics.WORKER_RUNNING.labels(model, handle.key).set(0)
         error = Unavailable(f"worker {handle.key} of model {model!r} died: {handle.last_error}")
         for request_id in list(handle.outstanding):
-            stream = self._streams.pop(request_id, None)
+            stream = self._forget(request_id)
             if stream is not None:
                 self._finish_metrics(stream)
                 stream._fail(error)
@@ -214,16 +212,16 @@ class Dispatcher:
             )
         request_id = next(self._ids)
         call = GenerateCall(request_id=request_id, arrival_time=time.time(), **call_args)
-        stream = RequestStream(self, request_id, model, worker, call.arrival_time)
+        stream = RequestStream(self, request_id, pool.series, worker, call.arrival_time)
         self._streams[request_id] = stream
         worker.outstanding.add(request_id)
-        metrics.IN_FLIGHT.labels(model).inc()
-        metrics.PROMPT_TOKENS.labels(model).inc(len(call.prompt_token_ids))
+        pool.series.in_flight.inc()
+        pool.series.prompt_tokens.inc(len(call.prompt_token_ids))
         worker.send(call)
         return stream
 
     def abort(self, request_id: int) -> None:
-        stream = self._streams.pop(request_id, None)
+        stream = self._forget(request_id)
         if stream is None:
             return
         stream.worker.outstanding.discard(request_id)
@@ -250,36 +248,53 @@ class Dispatcher:
             self._record_progress(stream, event, now)
             if event.finished:
                 stream.finished = True
-                del self._streams[event.request_id]
+                self._forget(event.request_id)
                 handle.outstanding.discard(event.request_id)
                 handle.completed += 1
                 self._finish_metrics(stream)
             stream._put(event)
 
     def _record_progress(self, stream: RequestStream, event: SequenceEvent, now: float) -> None:
-        t = stream.timings
+        t, series = stream.timings, stream.series
         if event.start_time is not None and t.start is None:
             t.start = event.start_time
-            metrics.QUEUE_TIME.labels(stream.model).observe(max(0.0, t.start - t.arrival))
+            series.queue_time.observe(max(0.0, t.start - t.arrival))
         if not event.token_ids:
             return
         if t.first_token is None:
             t.first_token = now
-            metrics.TIME_TO_FIRST_TOKEN.labels(stream.model).observe(now - t.arrival)
+            series.time_to_first_token.observe(now - t.arrival)
         elif t.last_token is not None:
-            metrics.INTER_TOKEN_LATENCY.labels(stream.model).observe(now - t.last_token)
+            series.inter_token_latency.observe(now - t.last_token)
         t.last_token = now
-        metrics.GENERATION_TOKENS.labels(stream.model).inc(len(event.token_ids))
+        series.generation_tokens.inc(len(event.token_ids))
 
     def _finish_metrics(self, stream: RequestStream) -> None:
-        metrics.IN_FLIGHT.labels(stream.model).dec()
-        metrics.E2E_LATENCY.labels(stream.model).observe(time.time() - stream.timings.arrival)
+        stream.series.in_flight.dec()
+        stream.series.e2e_latency.observe(time.time() - stream.timings.arrival)
+
+    def _forget(self, request_id: int) -> RequestStream | None:
+        stream = self._streams.pop(request_id, None)
+        if self._closing and not self._streams:
+            self._drained.set()
+        return stream
 
     # ------------------------------------------------------------ shutdown
 
     def begin_shutdown(self) -> None:
+        """From now on new requests are UNAVAILABLE; accepted ones go on."""
         self._closing = True
+        if not self._streams:
+            self._drained.set()
         self._readiness_changed()
+
+    async def wait_drained(self, timeout: float) -> bool:
+        """Wait until every accepted request has finished; False if `timeout` passed first."""
+        try:
+            await asyncio.wait_for(self._drained.wait(), timeout)
+            return True
+        except asyncio.TimeoutError:
+            return False
 
     @property
     def in_flight(self) -> int:

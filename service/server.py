@@ -52,9 +52,10 @@ async def serve(config: ServerConfig) -> None:
     reflection.enable_server_reflection(
         (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server
     )
-    address = f"{config.host}:{config.port}"
-    if server.add_insecure_port(address) == 0:
-        raise OSError(f"cannot listen on {address}")
+    port = server.add_insecure_port(f"{config.host}:{config.port}")
+    if port == 0:
+        raise OSError(f"cannot listen on {config.host}:{config.port}")
+    address = f"{config.host}:{port}"  # the bound port, when 0 asked for any
     if config.metrics_port:
         metrics.serve(config.metrics_host, config.metrics_port)
     await server.start()
@@ -70,10 +71,15 @@ async def serve(config: ServerConfig) -> None:
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
 
-    _LOGGER.info("shutting down: draining up to %.0f s", config.drain_timeout_s)
+    _LOGGER.info("shutting down: %d requests in flight, draining up to %.0f s", dispatcher.in_flight, config.drain_timeout_s)
+    started = loop.time()
+    # The listener stays open while draining, so that new calls get a clear UNAVAILABLE from us rather
+    # than whatever a closing transport says; accepted ones finish.
     dispatcher.begin_shutdown()
     await health_servicer.enter_graceful_shutdown()
-    # New calls are refused at once; calls in flight get the drain timeout to finish.
-    await server.stop(config.drain_timeout_s)
+    if not await dispatcher.wait_drained(config.drain_timeout_s):
+        _LOGGER.warning("drain timeout: cancelling %d requests", dispatcher.in_flight)
+    # A little grace for handlers still writing their last message.
+    await server.stop(max(1.0, config.drain_timeout_s - (loop.time() - started)))
     await dispatcher.stop_workers()
     _LOGGER.info("stopped")

@@ -63,17 +63,20 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
     async def Generate(self, request, context):
         with self._call("Generate", request, context) as call:
             model, call.stream = self._start(request)
-            events = []
-            async for batch in call.stream:
-                events.extend(batch)
+            events = await call.stream.next_events()
+            while not events[-1].finished:
+                events.extend(await call.stream.next_events())
             return convert.generate_response(model.name, events, call.stream.timings)
 
     @status_mapped
     async def StreamGenerate(self, request, context):
         with self._call("StreamGenerate", request, context) as call:
             _, call.stream = self._start(request)
-            async for batch in call.stream:
-                yield convert.stream_response(batch, call.stream.timings)
+            finished = False
+            while not finished:
+                events = await call.stream.next_events()
+                finished = events[-1].finished
+                yield convert.stream_response(events, call.stream.timings)
 
     @status_mapped
     async def ListModels(self, request, context):

@@ -121,3 +121,16 @@ def test_chinese_streams_without_broken_characters(client):
 def test_unknown_default_model_field_routes_to_default(client):
     reply = client.generate("x", model="", max_new_tokens=2, ignore_eos=True)
     assert reply.model == "tiny"
+
+
+def test_concurrent_requests_match_each_run_alone(client):
+    """Through the whole service: batching (sequences joining and leaving) does not change any result."""
+    jobs = [
+        {"prompt": f"Job {i}: " + "word " * (i * 3), "max_new_tokens": 6 + 9 * i, "ignore_eos": True,
+         **({"temperature": 0.9, "top_p": 0.95, "seed": i} if i % 2 else {"repetition_penalty": 1.3})}
+        for i in range(6)
+    ]
+    alone = [list(client.generate(**job).token_ids) for job in jobs]
+    with concurrent.futures.ThreadPoolExecutor(len(jobs)) as pool:
+        together = list(pool.map(lambda job: list(client.generate(**job).token_ids), jobs))
+    assert together == alone

@@ -11,15 +11,18 @@ bench/inprocess.py holds the in-process references. Two parts:
   (target >= 0.9x at the largest C), TTFT p50 modelpool vs naive (target
   <= 1.15 at the smallest C).
 - tiny (the random test model, where a step costs almost nothing; C = 64): the
-  bare Engine in-process, then the modelpool server with load.py. Target:
-  served tok/s >= 70% of in-process tok/s.
+  bare Engine in-process and the modelpool server with load.py, alternated
+  three times (medians compared), once with 1 and once with 2 torch threads in
+  the worker and the in-process engine alike. Target: served tok/s >= 70% of
+  in-process tok/s.
 
-Only one thing uses the CPU at a time: a server is stopped (SIGTERM, then its
-whole process group is checked gone) before the next one starts, and the
-in-process references run in a subprocess while no server is up. Servers listen
-on free 127.0.0.1 ports; their logs go to bench/out/ (git-ignored).
+Only one thing computes at a time: a server is stopped (SIGTERM, then its whole
+process group is checked gone) before the next one starts, and the in-process
+references run in a subprocess while no server is up or while the only server
+is idle. Servers listen on free 127.0.0.1 ports; their logs go to bench/out/
+(git-ignored).
 
-    python -m bench.run                      # everything, the defaults above (~10 min on 2 cores)
+    python -m bench.run                      # everything, the defaults above (~17 min on 2 cores)
     python -m bench.run --only tiny --smoke  # a quick check that the plumbing works
     python -m bench.run --concurrency 1,8 --requests 1:4,8:16 --max-new-tokens 32 --json out.json
 """
@@ -303,14 +306,18 @@ def _median_run(runs: list[dict]) -> dict:
     return sorted(runs, key=lambda run: run["tokens_per_s"])[len(runs) // 2]
 
 
-def run_tiny_part(args: argparse.Namespace) -> dict:
+def run_tiny_part(args: argparse.Namespace, threads: int) -> dict:
     """Engine in-process and served, alternated `tiny_repeats` times, medians compared.
 
     This machine's speed drifts by +-20% over minutes (shared cores), so one engine run followed by one
     served run compares two different machines. The server stays up but idle (its worker blocks on its
     queue) while the in-process engine runs, so still only one thing computes at a time."""
     concurrency, n = args.tiny_concurrency, args.tiny_max_new_tokens
-    print(f"\n== tiny model: serving overhead at C = {concurrency} (N = {n}), {args.tiny_repeats} alternations", flush=True)
+    print(
+        f"\n== tiny model: serving overhead at C = {concurrency} (N = {n}), {threads} torch threads, "
+        f"{args.tiny_repeats} alternations",
+        flush=True,
+    )
     engine_args = [
         "engine",
         "--model", "tiny",
@@ -318,14 +325,14 @@ def run_tiny_part(args: argparse.Namespace) -> dict:
         "--max-new-tokens", str(n),
         "--rounds", str(args.engine_rounds),
         "--max-batch-size", str(max(args.max_batch_size, concurrency)),
-        "--threads", str(args.threads),
+        "--threads", str(threads),
     ]  # fmt: skip
     # Builds the tiny model if needed and tells where it is.
     engines = [run_inprocess(engine_args, args.out_dir, "engine-tiny-0", args.run_timeout)]
     port = free_port()
     server = ServerProcess(
         "modelpool-tiny",
-        modelpool_command(engines[0]["model_path"], port, max(args.max_batch_size, concurrency), args.threads),
+        modelpool_command(engines[0]["model_path"], port, max(args.max_batch_size, concurrency), threads),
         port,
         args.out_dir / "modelpool-tiny.log",
     )
@@ -338,6 +345,7 @@ def run_tiny_part(args: argparse.Namespace) -> dict:
             print(f"  {'engine':<10} C={concurrency} {engines[-1]['tokens_per_s']:.1f} tok/s (in-process)", flush=True)
             served.append(asyncio.run(_load_all("modelpool", server.target, plan))[0].to_dict())
     return {
+        "threads": threads,
         "engine": _median_run(engines),
         "modelpool": _median_run(served),
         "engine_runs": [run["tokens_per_s"] for run in engines],
@@ -401,11 +409,12 @@ def compute_targets(builtin: dict | None, tiny: dict | None) -> list[Target]:
                 False,
             ),
         ]
-    if tiny:
+    for part in tiny or []:
         targets.append(
             Target(
-                f"tiny model: served / in-process engine tok/s at C={tiny['modelpool']['concurrency']}",
-                _ratio(tiny["modelpool"]["tokens_per_s"], tiny["engine"]["tokens_per_s"]),
+                f"tiny model: served / in-process engine tok/s at C={part['modelpool']['concurrency']}, "
+                f"{part['threads']} torch threads",
+                _ratio(part["modelpool"]["tokens_per_s"], part["engine"]["tokens_per_s"]),
                 TARGET_SERVED_VS_ENGINE,
                 True,
             )
@@ -532,9 +541,12 @@ def print_report(result: dict) -> None:
         print(throughput_table(builtin))
         print("\nLatency, client-side (ITL: per token):")
         print(latency_table({"modelpool": builtin["modelpool"], "naive": builtin["naive"]}))
-    if tiny:
-        print(f"\nServing overhead, tiny model, {tiny['modelpool']['max_new_tokens']} tokens per request:")
-        print(tiny_table(tiny))
+    for part in tiny or []:
+        print(
+            f"\nServing overhead, tiny model, {part['modelpool']['max_new_tokens']} tokens per request, "
+            f"{part['threads']} torch threads (worker and in-process alike):"
+        )
+        print(tiny_table(part))
     print("\nTargets:")
     for target in result["targets"]:
         print(target.line() if isinstance(target, Target) else target["line"])
@@ -576,6 +588,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--static-repeats", type=int, help="timed runs of each static batch")
     parser.add_argument("--engine-rounds", type=int, help="timed rounds of the in-process engine")
     parser.add_argument("--tiny-repeats", type=int, help="tiny part: alternations of in-process and served runs")
+    parser.add_argument(
+        "--tiny-threads",
+        type=_int_list,
+        default=[1, 2],
+        help="tiny part: torch threads of the worker and the in-process engine, one run each (default 1,2)",
+    )
     parser.add_argument("--max-batch-size", type=int, default=64, help="modelpool --max-batch-size")
     parser.add_argument(
         "--threads", type=int, default=os.cpu_count() or 1, help="torch threads of in-process runs and the naive server"
@@ -610,7 +628,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.only in (None, "builtin"):
         result["builtin"] = run_builtin_part(args)
     if args.only in (None, "tiny"):
-        result["tiny"] = run_tiny_part(args)
+        result["tiny"] = [run_tiny_part(args, threads) for threads in args.tiny_threads]
     targets = compute_targets(result.get("builtin"), result.get("tiny"))
     result["targets"] = [{**vars(t), "status": t.status, "line": t.line()} for t in targets]
     result["elapsed_s"] = time.monotonic() - started

@@ -9,7 +9,7 @@ METRICS_PORT ?= 9090
 WORKERS ?= 1
 PYTEST_ARGS ?=
 
-.PHONY: setup serve test proto check-proto bench clean
+.PHONY: setup serve test proto lint-proto bench clean
 
 # The stamp is rebuilt when a dependency list changes.
 $(VENV)/.setup-done: pyproject.toml clients/python/pyproject.toml
@@ -34,6 +34,10 @@ test: setup
 proto: setup
 	$(PY) -m grpc_tools.protoc -I proto --python_out=clients/python --pyi_out=clients/python \
 		--grpc_python_out=clients/python proto/modelpool/v1/generation.proto
+
+# buf from the npm registry (not needed by the tests).
+lint-proto:
+	cd proto && npx --yes @bufbuild/buf@1.75.0 lint
 
 bench: setup
 	$(PY) -m bench.run

@@ -193,7 +193,13 @@ class Dispatcher:
             return
         handle.restarts += 1
         metrics.WORKER_RESTARTS.labels(handle.spec.model_name, handle.key).inc()
-        handle.start()
+        try:
+            handle.start()
+        except Exception as exc:  # noqa: BLE001  (spawn can fail: out of memory, too many open files)
+            handle.state, handle.last_error = WorkerState.RESTARTING, f"restart failed: {exc}"
+            delay = handle.next_backoff(self.config.restart_backoff_s, self.config.restart_backoff_max_s)
+            _LOGGER.error("restarting worker %s failed (%s); next try in %.1f s", handle.key, exc, delay)
+            self._loop.call_later(delay, self._restart, handle)
 
     # ------------------------------------------------------------ requests
 
@@ -304,6 +310,8 @@ class Dispatcher:
         self._closing = True
         handles = [w for pool in self.pools.values() for w in pool.workers]
         await asyncio.gather(*(asyncio.to_thread(w.stop) for w in handles))
-        for stream in list(self._streams.values()):
+        for request_id in list(self._streams):
+            stream = self._forget(request_id)
+            stream.worker.outstanding.discard(request_id)
+            self._finish_metrics(stream)
             stream._fail(Unavailable("the server stopped"))
-        self._streams.clear()

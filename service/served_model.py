@@ -70,7 +70,14 @@ class ServedModel:
             raise InvalidArgument(
                 "prompt", f"{prompt_tokens} tokens leave no room in the context of {self.context_length} tokens"
             )
-        max_new = stopping.max_new_tokens if explicit_max else min(self.config.default_max_new_tokens, room)
+        batch_room = self.config.max_batch_tokens - prompt_tokens
+        if batch_room < 1:
+            raise InvalidArgument(
+                "prompt", f"{prompt_tokens} tokens leave no room under max_batch_tokens ({self.config.max_batch_tokens})"
+            )
+        max_new = (
+            stopping.max_new_tokens if explicit_max else min(self.config.default_max_new_tokens, room, batch_room)
+        )
         if max_new > room:
             raise InvalidArgument(
                 "stopping.max_new_tokens",

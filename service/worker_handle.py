@@ -1,9 +1,9 @@
 """One worker process seen from the frontend: start, watch, stop, restart with back-off.
 
-Each handle owns its process's two queues (requests in, step outputs out) and
-two daemon threads: one relays the outbox into the event loop, one waits for the
-process to exit. Queues are per process so that a worker dying mid-write can
-corrupt only its own queue, which is thrown away with it.
+Each handle owns its process's request queue, the pipe its step outputs come
+back on, and two daemon threads: one relays the pipe into the event loop, one
+waits for the process to exit. They are per process, so a worker dying
+mid-write can tear only its own pipe, which is thrown away with it.
 """
 
 from __future__ import annotations
@@ -12,8 +12,6 @@ import asyncio
 import enum
 import logging
 import multiprocessing
-import pickle
-import queue
 import threading
 from typing import Callable
 
@@ -22,8 +20,6 @@ from workers.worker_main import run_worker
 
 _LOGGER = logging.getLogger(__name__)
 _MP = multiprocessing.get_context("spawn")
-# How long the relay waits on an empty outbox before checking whether the process has exited.
-_EXIT_POLL_S = 0.2
 
 
 class WorkerState(enum.Enum):
@@ -74,35 +70,41 @@ class WorkerHandle:
     def start(self) -> None:
         self._generation += 1
         generation = self._generation
-        self.inbox, outbox = _MP.Queue(), _MP.Queue()
+        # Results come back over a one-way pipe whose write end only the worker holds: when the worker
+        # dies, even in the middle of a message, the reader sees EOF instead of waiting for the rest.
+        self.inbox = _MP.Queue()
+        reader, writer = _MP.Pipe(duplex=False)
         self.ready, self.running, self.waiting = None, 0, 0
         self.process = _MP.Process(
-            target=run_worker, args=(self.spec, self.inbox, outbox), name=f"modelpool-worker-{self.key}", daemon=True
+            target=run_worker, args=(self.spec, self.inbox, writer), name=f"modelpool-worker-{self.key}", daemon=True
         )
         self.state = WorkerState.STARTING
-        self.process.start()
+        self._exited = threading.Event()
+        try:
+            self.process.start()
+        finally:
+            writer.close()
         _LOGGER.info("started worker %s (pid %d, CUDA_VISIBLE_DEVICES=%r)", self.key, self.pid, self.spec.cuda_visible_devices)
         process = self.process
-        self._exited = threading.Event()
         threading.Thread(
-            target=self._relay, args=(process, outbox, generation, self._exited), daemon=True, name=f"relay-{self.key}"
+            target=self._relay, args=(process, reader, generation, self._exited), daemon=True, name=f"relay-{self.key}"
         ).start()
         threading.Thread(target=self._watch, args=(process, self._exited), daemon=True, name=f"watch-{self.key}").start()
 
-    def _relay(self, process, outbox, generation: int, exited: threading.Event) -> None:
-        """Relay messages in order; report the exit only after everything the process wrote was relayed."""
+    def _relay(self, process, reader, generation: int, exited: threading.Event) -> None:
+        """Relay messages in order until EOF; report the exit only after everything the process wrote."""
         while True:
             try:
-                message = outbox.get(timeout=_EXIT_POLL_S)
-            except queue.Empty:
-                if exited.is_set():
-                    self._post(generation, self._handle_exit, process.exitcode)
-                    return
-                continue
-            except (EOFError, OSError, pickle.UnpicklingError) as exc:  # a process killed mid-write
-                _LOGGER.warning("worker %s: unreadable message: %s", self.key, exc)
-                continue
+                message = reader.recv()
+            except EOFError:
+                break
+            except Exception as exc:  # noqa: BLE001  (a torn message from a dying process: stop reading)
+                _LOGGER.warning("worker %s: unreadable message, waiting for its exit: %s", self.key, exc)
+                break
             self._post(generation, self._handle_message, message)
+        reader.close()
+        exited.wait()
+        self._post(generation, self._handle_exit, process.exitcode)
 
     @staticmethod
     def _watch(process, exited: threading.Event) -> None:

@@ -42,6 +42,7 @@ def test_build_request_rejects_mistakes():
         build_request(prompt="x", max_tokens=3)
     request = build_request(prompt="x", temperature=0.7, seed=5, stop_sequences=["\n"])
     assert request.sampling.do_sample and request.sampling.seed == 5
+    assert not build_request(prompt="x", temperature=0).sampling.do_sample
 
 
 def test_cli_generate_streams_text(server):

@@ -101,3 +101,24 @@ def test_hub_source_comes_from_hf_hub_cache_offline(tiny_dir, tmp_path, monkeypa
     finally:
         monkeypatch.undo()
         importlib.reload(huggingface_hub.constants)
+
+
+def test_default_max_new_tokens_fits_the_context_and_the_batch_limit():
+    from pathlib import Path
+
+    from service.errors import InvalidArgument
+    from service.served_model import ServedModel
+    from workers.messages import StoppingParams
+
+    model = ServedModel(
+        config=config.ModelConfig(name="m", max_batch_tokens=1000, default_max_new_tokens=256),
+        path=Path("/nowhere"),
+        tokenizer=None,
+        context_length=4096,
+    )
+    assert model.check_limits(900, StoppingParams(max_new_tokens=0), explicit_max=False).max_new_tokens == 100
+    assert model.check_limits(10, StoppingParams(max_new_tokens=0), explicit_max=False).max_new_tokens == 256
+    with pytest.raises(InvalidArgument, match="^prompt:"):
+        model.check_limits(1000, StoppingParams(max_new_tokens=0), explicit_max=False)
+    with pytest.raises(InvalidArgument, match="^stopping.max_new_tokens:"):
+        model.check_limits(900, StoppingParams(max_new_tokens=101), explicit_max=True)

@@ -164,3 +164,35 @@ def test_out_of_memory_fails_only_the_request_that_caused_it(engine):
         engine.model = real_model
     assert [(e.request_id, e.error_kind) for e in errors] == [(2, ErrorKind.RESOURCE_EXHAUSTED)]
     assert out == {0: alone[0][0], 1: alone[1][0]}
+
+
+def test_out_of_memory_in_a_decode_fails_the_batch_and_the_worker_goes_on(engine):
+    from workers.messages import ErrorKind
+
+    class OutOfMemoryOnce:
+        def __init__(self, model):
+            self.model, self.armed = model, True
+
+        def __call__(self, input_ids, **kwargs):
+            import torch
+
+            if self.armed and input_ids.shape[1] == 1:  # the first decode step
+                self.armed = False
+                raise torch.OutOfMemoryError("simulated: CUDA out of memory")
+            return self.model(input_ids=input_ids, **kwargs)
+
+    real_model = engine.model
+    engine.model = OutOfMemoryOnce(real_model)
+    try:
+        for i in range(3):
+            engine.add(make_call(300 + i, engine, PROMPTS[i], max_new=10))
+        errors = []
+        while engine.has_work:
+            errors += [e for e in engine.step()[1] if e.error_kind is not None]
+        assert sorted(e.request_id for e in errors) == [300, 301, 302]
+        assert {e.error_kind for e in errors} == {ErrorKind.RESOURCE_EXHAUSTED}
+        assert engine.batch is None and engine.running == []
+        after = run_all(engine, [make_call(310, engine, PROMPTS[0], max_new=10)])
+        assert len(after[310][0]) == 10
+    finally:
+        engine.model = real_model

@@ -100,6 +100,31 @@ def test_sigterm_drains_in_flight_and_exits_zero(tmp_path, tiny_dir):
         proc.stop()
 
 
+def test_workers_exit_when_the_frontend_is_killed(tmp_path, tiny_dir):
+    """A frontend killed outright sends no StopWorker; its workers notice and exit rather than hold the model."""
+    import os
+    import time
+
+    proc = ServerProcess(["--model", str(tiny_dir)], tmp_path / "server.log")
+    try:
+        proc.wait_serving()
+        with Client(proc.target, timeout=30) as client:
+            pid = client.models()[0].workers[0].pid
+        proc.proc.kill()
+        proc.proc.wait(30)
+        deadline = time.monotonic() + 60  # bounds a broken worker; the check itself runs every 2 s
+        while time.monotonic() < deadline:
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                return
+            time.sleep(0.2)
+        os.kill(pid, signal.SIGKILL)
+        raise AssertionError(f"worker {pid} outlived its frontend")
+    finally:
+        proc.stop()
+
+
 def test_generated_stubs_are_fresh(tmp_path):
     subprocess.run(
         [

@@ -116,10 +116,16 @@ class Engine:
             else:
                 kept_waiting.append(seq)
         self.waiting = kept_waiting
-        leaving = [i for i, seq in enumerate(self.running) if seq.request_id in request_ids]
+        leaving = {i for i, seq in enumerate(self.running) if seq.request_id in request_ids}
         if leaving:
-            events.extend(self._final_event(self.running[i], FinishReason.ABORTED) for i in leaving)
-            self._keep_rows([i for i in range(len(self.running)) if i not in set(leaving)])
+            events.extend(self._final_event(self.running[i], FinishReason.ABORTED) for i in sorted(leaving))
+            staying = [i for i in range(len(self.running)) if i not in leaving]
+            try:
+                self._keep_rows(staying)
+            except torch.OutOfMemoryError:
+                # Filtering copies the cache; a half-filtered batch cannot go on.
+                events.extend(self._oom_events([self.running[i] for i in staying]))
+                self.running, self.batch = [], None
         return events
 
     def abort_all(self, kind: ErrorKind, message: str) -> list[SequenceEvent]:
@@ -147,11 +153,11 @@ class Engine:
             admitted = self._admit()
             if admitted:
                 self._prefilled_last = True
-                return "prefill", self._guard_oom(admitted, lambda: self._prefill(admitted))
+                return "prefill", self._guard_oom(admitted, lambda: self._prefill(admitted), decode=False)
         self._prefilled_last = False
         if not self.running:
             return "", []
-        return "decode", self._guard_oom(self.running, self._decode)
+        return "decode", self._guard_oom(self.running, self._decode, decode=True)
 
     def _admit(self) -> list[Sequence]:
         admitted = []
@@ -196,32 +202,34 @@ class Engine:
         return events
 
     def _keep_rows(self, keep: list[int]) -> None:
-        self.running = [self.running[i] for i in keep]
-        if not self.running:
-            self.batch = None
-        elif self.batch is not None:
+        if not keep:
+            self.running, self.batch = [], None
+            return
+        if self.batch is not None:
             self.batch = self.batch.filter(keep)
+        self.running = [self.running[i] for i in keep]
 
-    def _guard_oom(self, seqs: list[Sequence], run) -> list[SequenceEvent]:
+    def _guard_oom(self, seqs: list[Sequence], run, decode: bool) -> list[SequenceEvent]:
         """Out of device memory fails requests, not the worker.
 
-        A prefill that fails before its newcomers join fails only them. A failed decode (or join) may leave
-        the cache half-updated, so every running sequence fails with it."""
+        A prefill that fails before its newcomers join fails only them. A failed decode (forward or the
+        filtering after it) or join may leave the cache half-updated, so every running sequence fails too."""
+        running_before = list(self.running)
         try:
             return run()
         except torch.OutOfMemoryError as exc:
-            batch_touched = seqs is self.running or bool(self._joining)
-            failed = {seq.request_id: seq for seq in (*seqs, *(self.running if batch_touched else ()))}
+            batch_touched = decode or bool(self._joining)
+            failed = {seq.request_id: seq for seq in (*seqs, *(running_before if batch_touched else ()))}
             _LOGGER.warning("out of memory in a step, failing %d sequences: %s", len(failed), exc)
             if batch_touched:
                 self.running, self.batch = [], None
             self._joining = []
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
-            return [
-                self._error_event(seq, ErrorKind.RESOURCE_EXHAUSTED, "out of memory on the device")
-                for seq in failed.values()
-            ]
+            return self._oom_events(list(failed.values()))
+
+    def _oom_events(self, seqs: list[Sequence]) -> list[SequenceEvent]:
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        return [self._error_event(seq, ErrorKind.RESOURCE_EXHAUSTED, "out of memory on the device") for seq in seqs]
 
     # ------------------------------------------------------------ per-token bookkeeping
 

@@ -10,6 +10,7 @@ request and cancellation from its inbox, run one engine step, send one
 from __future__ import annotations
 
 import logging
+import multiprocessing
 import os
 import queue
 import time
@@ -104,9 +105,10 @@ def _drain(inbox, block: bool, timeout: float) -> list:
     return messages
 
 
-def serve_loop(spec: WorkerSpec, engine, inbox, outbox) -> None:
-    """Run until a StopWorker arrives. Separated from process start-up so tests can drive it in a thread."""
+def serve_loop(spec: WorkerSpec, engine, inbox, results) -> None:
+    """Run until a StopWorker arrives or the frontend is gone. `results` is the write end of a pipe."""
     next_memory = time.monotonic() + spec.memory_interval_s
+    parent = multiprocessing.parent_process()
     while True:
         messages = _drain(inbox, block=not engine.has_work, timeout=spec.memory_interval_s)
         events, aborts = [], set()
@@ -114,7 +116,7 @@ def serve_loop(spec: WorkerSpec, engine, inbox, outbox) -> None:
             if isinstance(message, StopWorker):
                 events.extend(engine.abort_all(ErrorKind.INTERNAL, "worker stopped"))
                 if events:
-                    outbox.put(StepOutput(worker_key=spec.worker_key, events=events))
+                    results.send(StepOutput(worker_key=spec.worker_key, events=events))
                 return
             if isinstance(message, GenerateCall):
                 error = engine.add(message)
@@ -132,10 +134,14 @@ def serve_loop(spec: WorkerSpec, engine, inbox, outbox) -> None:
             events.extend(step_events)
         memory = None
         if time.monotonic() >= next_memory:
+            # A frontend killed outright never sends StopWorker: do not keep its model (and GPU) forever.
+            if parent is not None and not parent.is_alive():
+                _LOGGER.warning("%s: the frontend is gone; exiting", spec.worker_key)
+                return
             memory = read_memory()
             next_memory = time.monotonic() + spec.memory_interval_s
         if events or memory is not None or kind or messages:
-            outbox.put(
+            results.send(
                 StepOutput(
                     worker_key=spec.worker_key,
                     events=events,
@@ -149,8 +155,8 @@ def serve_loop(spec: WorkerSpec, engine, inbox, outbox) -> None:
             )
 
 
-def run_worker(spec: WorkerSpec, inbox, outbox) -> None:
-    """Process entry point (spawn target)."""
+def run_worker(spec: WorkerSpec, inbox, results) -> None:
+    """Process entry point (spawn target). `inbox`: a multiprocessing queue; `results`: a pipe's write end."""
     # Before torch is imported: which GPUs this process sees, and how many CPU threads it uses.
     os.environ["CUDA_VISIBLE_DEVICES"] = spec.cuda_visible_devices
     os.environ.setdefault("OMP_NUM_THREADS", str(spec.threads))
@@ -166,8 +172,8 @@ def run_worker(spec: WorkerSpec, inbox, outbox) -> None:
         engine, ready = load_engine(spec)
     except Exception as exc:  # noqa: BLE001  (reported to the frontend, which decides)
         _LOGGER.error("failed to load %s: %s", spec.model_path, traceback.format_exc())
-        outbox.put(WorkerFailed(worker_key=spec.worker_key, error=f"{type(exc).__name__}: {exc}"))
+        results.send(WorkerFailed(worker_key=spec.worker_key, error=f"{type(exc).__name__}: {exc}"))
         return
-    outbox.put(ready)
+    results.send(ready)
     _LOGGER.info("%s ready: dtype=%s devices=%s", spec.worker_key, ready.dtype, ready.devices)
-    serve_loop(spec, engine, inbox, outbox)
+    serve_loop(spec, engine, inbox, results)

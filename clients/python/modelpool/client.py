@@ -54,7 +54,8 @@ def build_request(
     else:
         request.chat.CopyFrom(_chat(messages))
     sampling = {k: v for k, v in options.items() if k in _SAMPLING and v is not None}
-    if sampling.get("temperature") is not None and "do_sample" not in sampling:
+    # A temperature above 0 asks for sampling; 0 keeps greedy decoding (the server reads 0 as "unset").
+    if sampling.get("temperature", 0) > 0 and "do_sample" not in sampling:
         sampling["do_sample"] = True
     request.sampling.CopyFrom(pb.SamplingParameters(**sampling))
     stopping = {k: v for k, v in options.items() if k in _STOPPING and v is not None}

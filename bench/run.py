@@ -22,7 +22,7 @@ references run in a subprocess while no server is up or while the only server
 is idle. Servers listen on free 127.0.0.1 ports; their logs go to bench/out/
 (git-ignored).
 
-    python -m bench.run                      # everything, the defaults above (~17 min on 2 cores)
+    python -m bench.run                      # everything, the defaults above (~14 min on 2 cores)
     python -m bench.run --only tiny --smoke  # a quick check that the plumbing works
     python -m bench.run --concurrency 1,8 --requests 1:4,8:16 --max-new-tokens 32 --json out.json
 """

@@ -176,11 +176,7 @@ class Dispatcher:
         metrics.WORKER_RUNNING.labels(model, handle.key).set(0)
         error = Unavailable(f"worker {handle.key} of model {model!r} died: {handle.last_error}")
         for request_id in list(handle.outstanding):
-            stream = self._forget(request_id)
-            if stream is not None:
-                self._finish_metrics(stream)
-                stream._fail(error)
-        handle.outstanding.clear()
+            self._retire(request_id, completed=False)._fail(error)
         self._readiness_changed()
         if self._closing:
             return
@@ -227,12 +223,9 @@ class Dispatcher:
         return stream
 
     def abort(self, request_id: int) -> None:
-        stream = self._forget(request_id)
-        if stream is None:
+        if request_id not in self._streams:
             return
-        stream.worker.outstanding.discard(request_id)
-        stream.worker.completed += 1
-        self._finish_metrics(stream)
+        stream = self._retire(request_id, completed=True)
         if stream.worker.state is not WorkerState.STOPPED:
             try:
                 stream.worker.send(AbortCall(request_id))
@@ -254,10 +247,7 @@ class Dispatcher:
             self._record_progress(stream, event, now)
             if event.finished:
                 stream.finished = True
-                self._forget(event.request_id)
-                handle.outstanding.discard(event.request_id)
-                handle.completed += 1
-                self._finish_metrics(stream)
+                self._retire(event.request_id, completed=True)
             stream._put(event)
 
     def _record_progress(self, stream: RequestStream, event: SequenceEvent, now: float) -> None:
@@ -275,14 +265,15 @@ class Dispatcher:
         t.last_token = now
         series.generation_tokens.inc(len(event.token_ids))
 
-    def _finish_metrics(self, stream: RequestStream) -> None:
-        stream.series.in_flight.dec()
-        stream.series.e2e_latency.observe(time.time() - stream.timings.arrival)
-
-    def _forget(self, request_id: int) -> RequestStream | None:
-        stream = self._streams.pop(request_id, None)
+    def _retire(self, request_id: int, completed: bool) -> RequestStream:
+        """The one way a request leaves the dispatcher: its stream, its worker's in-flight set, the gauges."""
+        stream = self._streams.pop(request_id)
         if self._closing and not self._streams:
             self._drained.set()
+        stream.worker.outstanding.discard(request_id)
+        stream.worker.completed += completed
+        stream.series.in_flight.dec()
+        stream.series.e2e_latency.observe(time.time() - stream.timings.arrival)
         return stream
 
     # ------------------------------------------------------------ shutdown
@@ -311,7 +302,4 @@ class Dispatcher:
         handles = [w for pool in self.pools.values() for w in pool.workers]
         await asyncio.gather(*(asyncio.to_thread(w.stop) for w in handles))
         for request_id in list(self._streams):
-            stream = self._forget(request_id)
-            stream.worker.outstanding.discard(request_id)
-            self._finish_metrics(stream)
-            stream._fail(Unavailable("the server stopped"))
+            self._retire(request_id, completed=False)._fail(Unavailable("the server stopped"))

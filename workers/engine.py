@@ -86,24 +86,19 @@ class Engine:
 
     def add(self, call: GenerateCall) -> SequenceEvent | None:
         """Queue a request; returns an error event at once if it can never fit the batch."""
-        reserved = len(call.prompt_token_ids) + call.stopping.max_new_tokens
-        if reserved > self.max_batch_tokens:
-            return SequenceEvent(
-                request_id=call.request_id,
-                finish_reason=FinishReason.ERROR,
-                error_kind=ErrorKind.INVALID_ARGUMENT,
-                error=f"prompt tokens + max_new_tokens = {reserved} exceeds the worker's batch limit "
+        seq = Sequence(
+            call=call,
+            detokenizer=IncrementalDetokenizer(self.tokenizer, call.prompt_token_ids, call.stopping.stop_sequences),
+            generator=make_generator(call.sampling, self.device),
+        )
+        if seq.reserved_tokens > self.max_batch_tokens:
+            return self._error_event(
+                seq,
+                ErrorKind.INVALID_ARGUMENT,
+                f"prompt tokens + max_new_tokens = {seq.reserved_tokens} exceeds the worker's batch limit "
                 f"of {self.max_batch_tokens} tokens",
             )
-        self.waiting.append(
-            Sequence(
-                call=call,
-                detokenizer=IncrementalDetokenizer(
-                    self.tokenizer, call.prompt_token_ids, call.stopping.stop_sequences
-                ),
-                generator=make_generator(call.sampling, self.device),
-            )
-        )
+        self.waiting.append(seq)
         return None
 
     def abort(self, request_ids: set[int]) -> list[SequenceEvent]:

@@ -6,6 +6,7 @@ host = "127.0.0.1"
 port = 50051
 metrics_port = 9090          # 0 turns /metrics off
 drain_timeout_s = 30
+worker_load_timeout_s = 600  # a worker still loading after this is killed and restarted
 default_model = "smollm2"    # default: the first model
 
 [[models]]
@@ -15,6 +16,7 @@ max_batch_size = 32          # running sequences per worker
 max_batch_tokens = 16384     # prompt + max_new_tokens of every running sequence, per worker
 max_queue = 256              # accepted requests waiting beyond the running capacity
 default_max_new_tokens = 256
+max_input_bytes = 0          # prompt or chat contents, in bytes; 0 = 32 x the context length
 
 [[models.workers]]           # one entry per kind of worker
 devices = [0, 1]             # GPUs this worker sees (CUDA_VISIBLE_DEVICES); [] = CPU only
@@ -62,6 +64,8 @@ class ModelConfig:
     max_batch_tokens: int = 16384
     max_queue: int = 256
     default_max_new_tokens: int = 256
+    # Prompt (or all chat contents) in bytes; larger input is refused before tokenizing. 0: 32 x context length.
+    max_input_bytes: int = 0
     workers: list[WorkerGroupConfig] = field(default_factory=lambda: [WorkerGroupConfig()])
 
 
@@ -75,6 +79,8 @@ class ServerConfig:
     restart_backoff_s: float = 1.0
     restart_backoff_max_s: float = 30.0
     memory_interval_s: float = 2.0
+    # A worker that has not loaded its model by then is killed and restarted with back-off.
+    worker_load_timeout_s: float = 600.0
     default_model: str = ""
     models: list[ModelConfig] = field(default_factory=list)
 
@@ -97,8 +103,9 @@ class ServerConfig:
             for key in ("max_batch_size", "max_batch_tokens", "default_max_new_tokens"):
                 if getattr(m, key) < 1:
                     raise ConfigError(f"{where}.{key}: must be at least 1")
-            if m.max_queue < 0:
-                raise ConfigError(f"{where}.max_queue: must not be negative")
+            for key in ("max_queue", "max_input_bytes"):
+                if getattr(m, key) < 0:
+                    raise ConfigError(f"{where}.{key}: must not be negative")
             if not m.workers:
                 raise ConfigError(f"{where}.workers: at least one worker is needed")
             for w in m.workers:

@@ -7,6 +7,7 @@ this module works on plain dataclasses.
 from __future__ import annotations
 
 import math
+import struct
 from dataclasses import dataclass
 
 from modelpool.v1 import generation_pb2 as pb
@@ -30,12 +31,18 @@ class ParsedRequest:
     explicit_max_new_tokens: bool
 
 
+def _float32(value: float) -> float:
+    return struct.unpack("f", struct.pack("f", value))[0]
+
+
 def _number(value: float, field: str, default: float, low: float, high: float = math.inf) -> float:
+    """A float field: 0 means `default`; otherwise in [low, high], compared as float32 like the wire value
+    (1e-4 on the wire is 9.99999974e-05, which must still pass a limit documented as 1e-4)."""
     if math.isnan(value) or math.isinf(value):
         raise InvalidArgument(field, "must be a finite number")
     if value == 0:
         return default
-    if not low <= value <= high:
+    if not _float32(low) <= value <= _float32(high):
         raise InvalidArgument(field, f"{value:g} is outside [{low:g}, {high:g}]")
     return float(value)
 

@@ -6,11 +6,17 @@ UNAVAILABLE and the pool restarts it with back-off. vLLM's shape for the way
 back: every step output is fanned out, from the event loop, to per-request
 streams that never block the fan-out; a slow reader gets several steps' events
 merged into one read.
+
+Admission comes first and costs nothing: a caller takes a `Ticket` (or gets
+RESOURCE_EXHAUSTED / UNAVAILABLE at once) before its prompt is tokenized, and
+the ticket counts against the model's capacity until the request is submitted
+to a worker or given up.
 """
 
 from __future__ import annotations
 
 import asyncio
+import enum
 import itertools
 import logging
 import time
@@ -21,6 +27,7 @@ from service import metrics
 from service.config import ModelConfig, ServerConfig
 from service.errors import ResourceExhausted, ServiceError, Unavailable, from_worker
 from service.worker_handle import WorkerHandle, WorkerState
+from service.worker_inbox import InboxClosed
 from workers.messages import (
     AbortCall,
     FinishReason,
@@ -31,6 +38,14 @@ from workers.messages import (
 )
 
 _LOGGER = logging.getLogger(__name__)
+
+
+class Outcome(enum.Enum):
+    """How a request left the dispatcher; decides what it counts towards."""
+
+    FINISHED = "finished"  # its last event arrived: end-to-end latency, the worker's completed count
+    ABORTED = "aborted"  # the caller went away (cancelled, deadline, write failed)
+    FAILED = "failed"  # its worker died, or the server stopped under it
 
 
 @dataclass
@@ -97,6 +112,20 @@ class RequestStream:
             self._dispatcher.abort(self.request_id)
 
 
+class Ticket:
+    """A place in a model's capacity, taken before the request is tokenized; `submit` or `release` ends it."""
+
+    def __init__(self, pool: "ModelPool"):
+        self.pool = pool
+        self.active = True
+        pool.admitting += 1
+
+    def release(self) -> None:
+        if self.active:
+            self.active = False
+            self.pool.admitting -= 1
+
+
 class ModelPool:
     """The workers of one model."""
 
@@ -104,6 +133,8 @@ class ModelPool:
         self.config = config
         self.workers: list[WorkerHandle] = []
         self.series = metrics.ModelSeries(config.name)
+        # Admitted requests still being tokenized: they count against the capacity like outstanding ones.
+        self.admitting = 0
 
     @property
     def ready_workers(self) -> list[WorkerHandle]:
@@ -120,7 +151,7 @@ class ModelPool:
 
     def admits_more(self) -> bool:
         capacity = len(self.ready_workers) * self.config.max_batch_size + self.config.max_queue
-        return self.outstanding < capacity
+        return self.outstanding + self.admitting < capacity
 
 
 class Dispatcher:
@@ -145,7 +176,9 @@ class Dispatcher:
     def start(self, model_paths: dict[str, str]) -> None:
         for name, pool in self.pools.items():
             for spec in self.config.worker_specs(pool.config, model_paths[name]):
-                handle = WorkerHandle(spec, self._loop, self._on_message, self._on_exit)
+                handle = WorkerHandle(
+                    spec, self._loop, self._on_message, self._on_exit, load_timeout_s=self.config.worker_load_timeout_s
+                )
                 pool.workers.append(handle)
                 metrics.WORKER_UP.labels(name, handle.key).set(0)
                 handle.start()
@@ -176,7 +209,7 @@ class Dispatcher:
         metrics.WORKER_RUNNING.labels(model, handle.key).set(0)
         error = Unavailable(f"worker {handle.key} of model {model!r} died: {handle.last_error}")
         for request_id in list(handle.outstanding):
-            self._retire(request_id, completed=False)._fail(error)
+            self._retire(request_id, Outcome.FAILED)._fail(error)
         self._readiness_changed()
         if self._closing:
             return
@@ -199,37 +232,53 @@ class Dispatcher:
 
     # ------------------------------------------------------------ requests
 
-    def submit(self, model: str, call_args: dict) -> RequestStream:
-        """Admit a request for `model` and send it to a worker; raises RESOURCE_EXHAUSTED / UNAVAILABLE."""
+    def admit(self, model: str) -> Ticket:
+        """A place for one request of `model`, before any work is spent on it; raises RESOURCE_EXHAUSTED or
+        UNAVAILABLE at once when there is none."""
         pool = self.pools[model]
+        self._check_available(pool)
+        if not pool.admits_more():
+            raise ResourceExhausted(
+                f"model {model!r} has {pool.outstanding + pool.admitting} requests outstanding, its limit "
+                f"(max_batch_size x ready workers + max_queue); retry later"
+            )
+        return Ticket(pool)
+
+    def _check_available(self, pool: ModelPool) -> WorkerHandle:
         if self._closing:
             raise Unavailable("the server is shutting down")
         worker = pool.pick()
         if worker is None:
-            raise Unavailable(f"no worker of model {model!r} is ready")
-        if not pool.admits_more():
-            raise ResourceExhausted(
-                f"model {model!r} has {pool.outstanding} requests outstanding, its limit "
-                f"(max_batch_size x ready workers + max_queue); retry later"
-            )
+            raise Unavailable(f"no worker of model {pool.config.name!r} is ready")
+        return worker
+
+    def submit(self, ticket: Ticket, call_args: dict) -> RequestStream:
+        """Send an admitted request to the least-loaded ready worker; the ticket ends here, whatever happens."""
+        pool = ticket.pool
+        ticket.release()
+        worker = self._check_available(pool)  # workers may have died or the server begun to stop meanwhile
         request_id = next(self._ids)
         call = GenerateCall(request_id=request_id, arrival_time=time.time(), **call_args)
         stream = RequestStream(self, request_id, pool.series, worker, call.arrival_time)
         self._streams[request_id] = stream
         worker.outstanding.add(request_id)
         pool.series.in_flight.inc()
+        try:
+            worker.send(call)
+        except InboxClosed as exc:
+            self._retire(request_id, Outcome.FAILED)
+            raise Unavailable(f"worker {worker.key} of model {pool.config.name!r} is gone; retry") from exc
         pool.series.prompt_tokens.inc(len(call.prompt_token_ids))
-        worker.send(call)
         return stream
 
     def abort(self, request_id: int) -> None:
         if request_id not in self._streams:
             return
-        stream = self._retire(request_id, completed=True)
+        stream = self._retire(request_id, Outcome.ABORTED)
         if stream.worker.state is not WorkerState.STOPPED:
             try:
                 stream.worker.send(AbortCall(request_id))
-            except (OSError, ValueError):  # the queue is closed: the worker is gone with the request
+            except InboxClosed:  # the worker is gone with the request
                 pass
 
     def _on_step(self, handle: WorkerHandle, output: StepOutput) -> None:
@@ -247,7 +296,8 @@ class Dispatcher:
             self._record_progress(stream, event, now)
             if event.finished:
                 stream.finished = True
-                self._retire(event.request_id, completed=True)
+                failed = event.finish_reason is FinishReason.ERROR
+                self._retire(event.request_id, Outcome.FAILED if failed else Outcome.FINISHED)
             stream._put(event)
 
     def _record_progress(self, stream: RequestStream, event: SequenceEvent, now: float) -> None:
@@ -265,15 +315,17 @@ class Dispatcher:
         t.last_token = now
         series.generation_tokens.inc(len(event.token_ids))
 
-    def _retire(self, request_id: int, completed: bool) -> RequestStream:
-        """The one way a request leaves the dispatcher: its stream, its worker's in-flight set, the gauges."""
+    def _retire(self, request_id: int, outcome: Outcome) -> RequestStream:
+        """The one way a request leaves the dispatcher: its stream, its worker's in-flight set, the gauges.
+        Only finished requests count as completed and in the end-to-end latency."""
         stream = self._streams.pop(request_id)
         if self._closing and not self._streams:
             self._drained.set()
         stream.worker.outstanding.discard(request_id)
-        stream.worker.completed += completed
         stream.series.in_flight.dec()
-        stream.series.e2e_latency.observe(time.time() - stream.timings.arrival)
+        if outcome is Outcome.FINISHED:
+            stream.worker.completed += 1
+            stream.series.e2e_latency.observe(time.time() - stream.timings.arrival)
         return stream
 
     # ------------------------------------------------------------ shutdown
@@ -297,9 +349,10 @@ class Dispatcher:
     def in_flight(self) -> int:
         return len(self._streams)
 
-    async def stop_workers(self) -> None:
+    async def stop_workers(self, timeout: float = 10.0) -> None:
+        """Stop every worker, terminating those that do not exit within `timeout` seconds."""
         self._closing = True
         handles = [w for pool in self.pools.values() for w in pool.workers]
-        await asyncio.gather(*(asyncio.to_thread(w.stop) for w in handles))
+        await asyncio.gather(*(asyncio.to_thread(w.stop, timeout) for w in handles))
         for request_id in list(self._streams):
-            self._retire(request_id, completed=False)._fail(Unavailable("the server stopped"))
+            self._retire(request_id, Outcome.FAILED)._fail(Unavailable("the server stopped"))

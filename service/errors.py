@@ -1,9 +1,13 @@
-"""The one place where failures become gRPC status codes, for unary and streaming handlers alike."""
+"""The one place where failures become gRPC status codes, for unary and streaming handlers alike.
+
+Messages never echo a caller's value whole: `quoted` shortens it, and every
+status message is capped, so an abusive value cannot overflow the status
+metadata (which would turn the status into something else) or flood the logs.
+"""
 
 from __future__ import annotations
 
 import functools
-import inspect
 import logging
 
 import grpc
@@ -11,6 +15,22 @@ import grpc
 from workers.messages import ErrorKind
 
 _LOGGER = logging.getLogger(__name__)
+# gRPC refuses metadata over 16 KiB (and some proxies 8 KiB); status details travel as metadata.
+MAX_DETAILS_CHARS = 1024
+MAX_QUOTED_CHARS = 64
+
+
+def quoted(value: object, limit: int = MAX_QUOTED_CHARS) -> str:
+    """repr() of a caller's value, shortened to `limit` characters and saying so."""
+    text = repr(value)
+    if len(text) <= limit:
+        return text
+    size = f" ({len(value)} characters)" if isinstance(value, str) else ""
+    return f"{text[: limit - 1]}…{size}"
+
+
+def capped(message: str, limit: int = MAX_DETAILS_CHARS) -> str:
+    return message if len(message) <= limit else message[: limit - 1] + "…"
 
 
 class ServiceError(Exception):
@@ -61,34 +81,21 @@ def code_of(exc: BaseException) -> grpc.StatusCode:
 
 async def _abort(context: grpc.aio.ServicerContext, exc: Exception):
     if isinstance(exc, ServiceError):
-        await context.abort(exc.code, exc.message)
+        await context.abort(exc.code, capped(exc.message))
     _LOGGER.exception("unexpected error in a handler", exc_info=exc)
-    await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}")
+    await context.abort(grpc.StatusCode.INTERNAL, capped(f"internal error: {type(exc).__name__}: {exc}"))
 
 
 def status_mapped(handler):
-    """Decorate a grpc.aio handler (coroutine or async generator) so that errors abort with their status."""
-    if inspect.isasyncgenfunction(handler):
-
-        @functools.wraps(handler)
-        async def stream_wrapper(self, request, context):
-            try:
-                async for item in handler(self, request, context):
-                    yield item
-            except grpc.aio.AbortError:
-                raise
-            except Exception as exc:  # noqa: BLE001  (mapped, never swallowed)
-                await _abort(context, exc)
-
-        return stream_wrapper
+    """Decorate a grpc.aio coroutine handler so that errors abort the call with their status."""
 
     @functools.wraps(handler)
-    async def unary_wrapper(self, request, context):
+    async def wrapper(self, request, context):
         try:
             return await handler(self, request, context)
         except grpc.aio.AbortError:
             raise
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:  # noqa: BLE001  (mapped, never swallowed)
             await _abort(context, exc)
 
-    return unary_wrapper
+    return wrapper

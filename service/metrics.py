@@ -6,7 +6,12 @@ seconds and bytes, counters end in `_total`.
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Gauge, Histogram, start_http_server
+import socket
+import socketserver
+import threading
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+
+from prometheus_client import Counter, Gauge, Histogram, make_wsgi_app
 
 from workers.messages import StepOutput, WorkerMemory
 
@@ -75,9 +80,24 @@ class ModelSeries:
         self.in_flight = IN_FLIGHT.labels(model)
 
 
+class _MetricsServer(socketserver.ThreadingMixIn, WSGIServer):
+    daemon_threads = True
+    # socketserver's default backlog of 5 drops connections when many scrapers (or probes) arrive at once.
+    request_queue_size = 128
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format, *args):  # noqa: A002  (one line per scrape is noise)
+        pass
+
+
 def serve(host: str, port: int) -> None:
     """Expose /metrics over HTTP on its own port (a daemon thread)."""
-    start_http_server(port, addr=host)
+    server_class = _MetricsServer
+    if ":" in host:
+        server_class = type("_MetricsServer6", (_MetricsServer,), {"address_family": socket.AF_INET6})
+    server = make_server(host, port, make_wsgi_app(), server_class=server_class, handler_class=_QuietHandler)
+    threading.Thread(target=server.serve_forever, daemon=True, name="metrics-http").start()
 
 
 def record_memory(model: str, worker: str, memory: WorkerMemory) -> None:

@@ -2,21 +2,29 @@
 
 The frontend tokenizes (and applies the chat template) itself, so that prompt
 length and limits are checked before a request reaches a worker, and workers
-receive token ids only.
+receive token ids only. Tokenizing never runs on the event loop: each model has
+one tokenizer thread (which also keeps the Rust tokenizer out of concurrent
+use), and input is refused by its size in bytes before it gets there.
 """
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from service import model_source
 from service.config import ModelConfig
+from service.convert import ParsedRequest
 from service.errors import InvalidArgument
 from workers.messages import StoppingParams
 
 _LOGGER = logging.getLogger(__name__)
+# Input longer than this many bytes per context token cannot fit (tokens of real text average 3-5 bytes;
+# long runs of spaces make the longest), so it is refused before it is tokenized.
+BYTES_PER_CONTEXT_TOKEN = 32
 
 
 @dataclass
@@ -25,6 +33,10 @@ class ServedModel:
     path: Path
     tokenizer: object
     context_length: int
+    _executor: concurrent.futures.ThreadPoolExecutor = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=f"tokenize-{self.config.name}")
 
     @classmethod
     def load(cls, config: ModelConfig) -> "ServedModel":
@@ -45,6 +57,32 @@ class ServedModel:
     @property
     def has_chat_template(self) -> bool:
         return bool(getattr(self.tokenizer, "chat_template", None))
+
+    @property
+    def max_input_bytes(self) -> int:
+        return self.config.max_input_bytes or BYTES_PER_CONTEXT_TOKEN * self.context_length
+
+    def check_input_size(self, request: ParsedRequest) -> None:
+        """Refuse input that cannot fit the context, by its size alone: costs nothing, unlike tokenizing it."""
+        if request.prompt is not None:
+            field_name, size = "prompt", len(request.prompt.encode("utf-8", "surrogatepass"))
+        else:
+            field_name = "chat.messages"
+            size = sum(len(m["content"].encode("utf-8", "surrogatepass")) for m in request.messages or ())
+        if size > self.max_input_bytes:
+            raise InvalidArgument(
+                field_name,
+                f"{size} bytes is more than model {self.name!r} takes ({self.max_input_bytes} bytes; "
+                f"its context is {self.context_length} tokens)",
+            )
+
+    async def encode(self, request: ParsedRequest) -> list[int]:
+        """The prompt's token ids (the chat template applied), computed on this model's tokenizer thread."""
+        if request.prompt is not None:
+            work, arg = self.encode_prompt, request.prompt
+        else:
+            work, arg = self.encode_chat, request.messages
+        return await asyncio.get_running_loop().run_in_executor(self._executor, work, arg)
 
     def encode_prompt(self, prompt: str) -> list[int]:
         return list(self.tokenizer(prompt, add_special_tokens=True)["input_ids"])

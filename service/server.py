@@ -9,17 +9,14 @@ import signal
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-from modelpool.v1 import generation_pb2 as pb
-from modelpool.v1 import generation_pb2_grpc as pb_grpc
 
 from service import metrics
 from service.config import ServerConfig
 from service.dispatcher import Dispatcher
 from service.served_model import ServedModel
-from service.servicer import GenerationServicer
+from service.servicer import SERVICE_NAME, GenerationServicer, rpc_handlers
 
 _LOGGER = logging.getLogger(__name__)
-SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GenerationService"].full_name
 
 
 async def serve(config: ServerConfig) -> None:
@@ -45,9 +42,7 @@ async def serve(config: ServerConfig) -> None:
     dispatcher.start({name: str(model.path) for name, model in models.items()})
 
     server = grpc.aio.server()
-    pb_grpc.add_GenerationServiceServicer_to_server(
-        GenerationServicer(models, dispatcher, config.default_model_name), server
-    )
+    server.add_generic_rpc_handlers((rpc_handlers(GenerationServicer(models, dispatcher, config.default_model_name)),))
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
         (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server
@@ -66,9 +61,17 @@ async def serve(config: ServerConfig) -> None:
         f"{config.metrics_host}:{config.metrics_port}/metrics" if config.metrics_port else "off",
     )
 
-    stop = asyncio.Event()
+    # The first SIGTERM (or SIGINT) drains; a second one stops at once.
+    stop, stop_now = asyncio.Event(), asyncio.Event()
+
+    def on_signal() -> None:
+        if stop.is_set():
+            _LOGGER.warning("second signal: stopping now")
+            stop_now.set()
+        stop.set()
+
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, on_signal)
     await stop.wait()
 
     _LOGGER.info("shutting down: %d requests in flight, draining up to %.0f s", dispatcher.in_flight, config.drain_timeout_s)
@@ -77,9 +80,20 @@ async def serve(config: ServerConfig) -> None:
     # than whatever a closing transport says; accepted ones finish.
     dispatcher.begin_shutdown()
     await health_servicer.enter_graceful_shutdown()
-    if not await dispatcher.wait_drained(config.drain_timeout_s):
-        _LOGGER.warning("drain timeout: cancelling %d requests", dispatcher.in_flight)
-    # A little grace for handlers still writing their last message.
-    await server.stop(max(1.0, config.drain_timeout_s - (loop.time() - started)))
-    await dispatcher.stop_workers()
+    drained = await _first(dispatcher.wait_drained(config.drain_timeout_s), stop_now.wait())
+    if not drained:
+        _LOGGER.warning("%s: cancelling %d requests", "stopping now" if stop_now.is_set() else "drain timeout", dispatcher.in_flight)
+    # A little grace for handlers still writing their last message, unless told to stop now.
+    grace = 0.0 if stop_now.is_set() else max(1.0, config.drain_timeout_s - (loop.time() - started))
+    await server.stop(grace)
+    await dispatcher.stop_workers(timeout=2.0 if stop_now.is_set() else 10.0)
     _LOGGER.info("stopped")
+
+
+async def _first(drain, interrupt) -> bool:
+    """The result of `drain`, or False when `interrupt` finishes first."""
+    tasks = [asyncio.ensure_future(drain), asyncio.ensure_future(interrupt)]
+    done, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    for task in pending:
+        task.cancel()
+    return tasks[0] in done and bool(tasks[0].result())

@@ -1,48 +1,101 @@
-"""The GenerationService handlers: parse, tokenize, admit, relay. Statuses come from service/errors.py."""
+"""The GenerationService handlers: decode, check, admit, tokenize, relay. Statuses come from service/errors.py.
+
+A request is refused as early and as cheaply as possible: bytes that do not
+decode, bad fields, an unknown model and input too large for the context are
+INVALID_ARGUMENT / NOT_FOUND before anything is spent on them; admission
+(RESOURCE_EXHAUSTED, UNAVAILABLE) comes before tokenizing, which runs off the
+event loop. Nothing a caller sends can hold the loop for long.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import logging
+from dataclasses import dataclass
 
 import grpc
-from modelpool.v1 import generation_pb2_grpc as pb_grpc
+from google.protobuf.message import DecodeError
+from modelpool.v1 import generation_pb2 as pb
 
 from service import convert, metrics
 from service.dispatcher import Dispatcher, RequestStream
-from service.errors import NotFound, code_of, status_mapped
+from service.errors import InvalidArgument, NotFound, code_of, quoted, status_mapped
 from service.served_model import ServedModel
 
 _LOGGER = logging.getLogger(__name__)
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GenerationService"].full_name
+# How long a stream whose write failed (its client went away) waits for gRPC to cancel it.
+_CANCEL_WAIT_S = 5.0
+# A deadline this close counts as passed: the core's timer and time_remaining() use different clocks.
+_DEADLINE_SLACK_S = 0.05
 
 
-class GenerationServicer(pb_grpc.GenerationServiceServicer):
+@dataclass(frozen=True)
+class Undecodable:
+    """What a request deserializer returns for bytes that are no valid message, so that the handler (not
+    gRPC's generic error path, which answers UNKNOWN and logs a traceback) refuses it."""
+
+    message_type: str
+    reason: str
+
+
+def _tolerant(message_class):
+    def deserialize(data: bytes):
+        try:
+            return message_class.FromString(data)
+        except DecodeError as exc:
+            return Undecodable(message_class.DESCRIPTOR.full_name, str(exc).split(": ")[-1])
+
+    return deserialize
+
+
+def rpc_handlers(servicer: "GenerationServicer") -> grpc.GenericRpcHandler:
+    """The service's method handlers, registered like generated code would but with tolerant deserializers."""
+    return grpc.method_handlers_generic_handler(
+        SERVICE_NAME,
+        {
+            "Generate": grpc.unary_unary_rpc_method_handler(
+                servicer.Generate, _tolerant(pb.GenerateRequest), pb.GenerateResponse.SerializeToString
+            ),
+            "StreamGenerate": grpc.unary_stream_rpc_method_handler(
+                servicer.StreamGenerate, _tolerant(pb.StreamGenerateRequest), pb.StreamGenerateResponse.SerializeToString
+            ),
+            "ListModels": grpc.unary_unary_rpc_method_handler(
+                servicer.ListModels, _tolerant(pb.ListModelsRequest), pb.ListModelsResponse.SerializeToString
+            ),
+        },
+    )
+
+
+class GenerationServicer:
     def __init__(self, models: dict[str, ServedModel], dispatcher: Dispatcher, default_model: str):
         self._models = models
         self._dispatcher = dispatcher
         self._default = default_model
 
-    def _start(self, request) -> tuple[ServedModel, RequestStream]:
+    async def _start(self, request) -> tuple[ServedModel, RequestStream]:
         parsed = convert.parse_request(request)
         name = parsed.model or self._default
         model = self._models.get(name)
         if model is None:
-            raise NotFound(f"model {name!r} is not served; ListModels shows {sorted(self._models)}")
-        if parsed.prompt is not None:
-            prompt_ids = model.encode_prompt(parsed.prompt)
-        else:
-            prompt_ids = model.encode_chat(parsed.messages)
-        stopping = model.check_limits(len(prompt_ids), parsed.stopping, parsed.explicit_max_new_tokens)
-        stream = self._dispatcher.submit(
-            model.name,
-            {"prompt_token_ids": tuple(prompt_ids), "sampling": parsed.sampling, "stopping": stopping},
-        )
+            raise NotFound(f"model {quoted(name)} is not served; ListModels shows {sorted(self._models)}")
+        model.check_input_size(parsed)
+        ticket = self._dispatcher.admit(model.name)
+        try:
+            prompt_ids = await model.encode(parsed)
+            stopping = model.check_limits(len(prompt_ids), parsed.stopping, parsed.explicit_max_new_tokens)
+            stream = self._dispatcher.submit(
+                ticket, {"prompt_token_ids": tuple(prompt_ids), "sampling": parsed.sampling, "stopping": stopping}
+            )
+        finally:
+            ticket.release()
         return model, stream
 
     @contextlib.contextmanager
     def _call(self, method: str, request, context):
         """Counts the call by its final status and, however it ended, takes an unfinished request out of its worker."""
+        _refuse_undecodable(method, request, context)
         name = request.model or self._default
         call = _Call()
         code = grpc.StatusCode.OK
@@ -62,7 +115,7 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
     @status_mapped
     async def Generate(self, request, context):
         with self._call("Generate", request, context) as call:
-            model, call.stream = self._start(request)
+            model, call.stream = await self._start(request)
             events = await call.stream.next_events()
             while not events[-1].finished:
                 events.extend(await call.stream.next_events())
@@ -70,19 +123,34 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
 
     @status_mapped
     async def StreamGenerate(self, request, context):
+        # The writer API rather than an async generator: a failed write (the client went away) surfaces here,
+        # where it ends the request quietly, instead of inside gRPC, which logs it as an error; and the
+        # request's cleanup runs when the handler returns, not when a suspended generator is collected.
         with self._call("StreamGenerate", request, context) as call:
-            _, call.stream = self._start(request)
+            _, call.stream = await self._start(request)
             finished = False
             while not finished:
                 events = await call.stream.next_events()
                 finished = events[-1].finished
-                yield convert.stream_response(events, call.stream.timings)
+                try:
+                    await context.write(convert.stream_response(events, call.stream.timings))
+                except Exception:  # noqa: BLE001  (the call is over on the client's side)
+                    await _wait_for_cancellation(context)
+                    return
 
     @status_mapped
     async def ListModels(self, request, context):
+        _refuse_undecodable("ListModels", request, context)
         response = convert.list_models_response(self._models, self._dispatcher.pools, self._default)
         metrics.REQUESTS.labels("", "ListModels", "OK").inc()
         return response
+
+
+def _refuse_undecodable(method: str, request, context) -> None:
+    if isinstance(request, Undecodable):
+        _LOGGER.info("refused an undecodable %s from %s: %s", request.message_type, context.peer(), request.reason)
+        metrics.REQUESTS.labels("", method, grpc.StatusCode.INVALID_ARGUMENT.name).inc()
+        raise InvalidArgument("request", f"not a valid {request.message_type}: {request.reason}")
 
 
 class _Call:
@@ -91,4 +159,12 @@ class _Call:
 
 def _cancel_code(context) -> grpc.StatusCode:
     remaining = context.time_remaining()
-    return grpc.StatusCode.DEADLINE_EXCEEDED if remaining is not None and remaining <= 0 else grpc.StatusCode.CANCELLED
+    expired = remaining is not None and remaining <= _DEADLINE_SLACK_S
+    return grpc.StatusCode.DEADLINE_EXCEEDED if expired else grpc.StatusCode.CANCELLED
+
+
+async def _wait_for_cancellation(context) -> None:
+    """A write failed because the client cancelled or its deadline passed; gRPC cancels this task as soon as it
+    has seen that, and the caller's cleanup then runs with the right status code."""
+    _LOGGER.debug("write to %s failed; waiting for gRPC to cancel the call", context.peer())
+    await asyncio.sleep(_CANCEL_WAIT_S)

@@ -1,9 +1,11 @@
 """One worker process seen from the frontend: start, watch, stop, restart with back-off.
 
-Each handle owns its process's request queue, the pipe its step outputs come
-back on, and two daemon threads: one relays the pipe into the event loop, one
-waits for the process to exit. They are per process, so a worker dying
-mid-write can tear only its own pipe, which is thrown away with it.
+Each handle owns its process's inbox (a pipe with a sender thread), the pipe
+its step outputs come back on, and two daemon threads: one relays that pipe
+into the event loop, one waits for the process to exit. They are per process,
+so a worker dying mid-write can tear only its own pipes, which are thrown away
+with it. A worker that does not report ready within the load timeout is killed
+and restarted with back-off like one that died.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import multiprocessing
 import threading
 from typing import Callable
 
+from service.worker_inbox import InboxClosed, WorkerInbox
 from workers.messages import StopWorker, WorkerFailed, WorkerReady, WorkerSpec
 from workers.worker_main import run_worker
 
@@ -36,15 +39,17 @@ class WorkerHandle:
         loop: asyncio.AbstractEventLoop,
         on_message: Callable[["WorkerHandle", object], None],
         on_exit: Callable[["WorkerHandle"], None],
+        load_timeout_s: float = 600.0,
     ):
         self.spec = spec
+        self.load_timeout_s = load_timeout_s
         self._loop = loop
         self._on_message = on_message
         self._on_exit = on_exit
         self.state = WorkerState.STOPPED
         self.process = None
         self._exited = threading.Event()
-        self.inbox = None
+        self.inbox: WorkerInbox | None = None
         self.ready: WorkerReady | None = None
         self.outstanding: set[int] = set()
         self.running = 0
@@ -53,6 +58,7 @@ class WorkerHandle:
         self.completed = 0
         self.consecutive_failures = 0
         self.last_error = ""
+        self._failure = ""  # why the current process failed, when it said so (or was killed for it)
         self._generation = 0  # which process a thread's message belongs to
 
     @property
@@ -70,26 +76,42 @@ class WorkerHandle:
     def start(self) -> None:
         self._generation += 1
         generation = self._generation
-        # Results come back over a one-way pipe whose write end only the worker holds: when the worker
-        # dies, even in the middle of a message, the reader sees EOF instead of waiting for the rest.
-        self.inbox = _MP.Queue()
+        # Both pipes are one-way, and each end lives in one process only: when the worker dies, even in the
+        # middle of a message, the reader here sees EOF and the inbox's writes fail instead of blocking.
+        inbox_reader, inbox_writer = _MP.Pipe(duplex=False)
         reader, writer = _MP.Pipe(duplex=False)
-        self.ready, self.running, self.waiting = None, 0, 0
+        self.ready, self.running, self.waiting, self._failure = None, 0, 0, ""
         self.process = _MP.Process(
-            target=run_worker, args=(self.spec, self.inbox, writer), name=f"modelpool-worker-{self.key}", daemon=True
+            target=run_worker,
+            args=(self.spec, inbox_reader, writer),
+            name=f"modelpool-worker-{self.key}",
+            daemon=True,
         )
         self.state = WorkerState.STARTING
         self._exited = threading.Event()
         try:
             self.process.start()
+        except BaseException:
+            inbox_writer.close()
+            reader.close()
+            raise
         finally:
             writer.close()
+            inbox_reader.close()
+        self.inbox = WorkerInbox(inbox_writer, name=f"inbox-{self.key}")
         _LOGGER.info("started worker %s (pid %d, CUDA_VISIBLE_DEVICES=%r)", self.key, self.pid, self.spec.cuda_visible_devices)
         process = self.process
         threading.Thread(
             target=self._relay, args=(process, reader, generation, self._exited), daemon=True, name=f"relay-{self.key}"
         ).start()
         threading.Thread(target=self._watch, args=(process, self._exited), daemon=True, name=f"watch-{self.key}").start()
+        self._loop.call_later(self.load_timeout_s, self._if_current, generation, self._check_loaded)
+
+    def _check_loaded(self) -> None:
+        if self.state is WorkerState.STARTING:
+            self._failure = f"did not load its model within {self.load_timeout_s:g} s (load timeout)"
+            _LOGGER.error("worker %s (pid %s) %s; killing it", self.key, self.pid, self._failure)
+            self.process.kill()
 
     def _relay(self, process, reader, generation: int, exited: threading.Event) -> None:
         """Relay messages in order until EOF; report the exit only after everything the process wrote."""
@@ -128,20 +150,24 @@ class WorkerHandle:
             self.state = WorkerState.READY
             self.consecutive_failures = 0
         elif isinstance(message, WorkerFailed):
-            self.last_error = message.error
+            self._failure = message.error
         self._on_message(self, message)
 
     def _handle_exit(self, exitcode: int | None) -> None:
+        if self.inbox is not None:
+            self.inbox.close()
         if self.state is WorkerState.STOPPED:
             return
-        if not self.last_error or self.state is WorkerState.READY:
-            self.last_error = f"worker process exited with code {exitcode}"
+        self.last_error = self._failure or f"worker process exited with code {exitcode}"
         _LOGGER.error("worker %s (pid %s) died: %s", self.key, self.pid, self.last_error)
         self.state = WorkerState.RESTARTING
         self.ready = None
         self._on_exit(self)
 
     def send(self, message) -> None:
+        """Queue a message for the worker process; raises InboxClosed when it is gone."""
+        if self.inbox is None:
+            raise InboxClosed(f"worker {self.key} was never started")
         self.inbox.put(message)
 
     def next_backoff(self, initial: float, maximum: float) -> float:
@@ -157,8 +183,8 @@ class WorkerHandle:
         if process is None or exited.is_set():
             return
         try:
-            self.inbox.put(StopWorker())
-        except (OSError, ValueError):
+            self.send(StopWorker())
+        except InboxClosed:
             pass
         if not exited.wait(timeout):
             _LOGGER.warning("worker %s did not stop in %.0f s; terminating", self.key, timeout)
@@ -166,3 +192,5 @@ class WorkerHandle:
             if not exited.wait(5):
                 process.kill()
                 exited.wait()
+        if self.inbox is not None:
+            self.inbox.close()

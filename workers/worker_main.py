@@ -5,17 +5,19 @@ and thread counts *before* importing torch (nothing this module imports at the
 top level pulls torch in), reports `WorkerReady`, then loops: take every new
 request and cancellation from its inbox, run one engine step, send one
 `StepOutput` with that step's events. It blocks on the inbox only when idle.
+
+Requests come in over a one-way pipe whose write end only the frontend holds:
+when the frontend dies, the worker reads EOF and exits at once.
 """
 
 from __future__ import annotations
 
 import logging
-import multiprocessing
 import os
-import queue
 import time
 import traceback
 
+from workers.faults import Faults
 from workers.messages import (
     AbortCall,
     DeviceMemory,
@@ -94,23 +96,32 @@ def load_engine(spec: WorkerSpec):
     return engine, ready
 
 
+# Messages taken from the inbox before a step: bounds the time a flood of arrivals can delay the batch.
+_MAX_MESSAGES_PER_STEP = 1024
+
+
 def _drain(inbox, block: bool, timeout: float) -> list:
+    """Every message waiting in the inbox (waiting up to `timeout` for one when `block`); EOFError once the
+    frontend is gone."""
     messages = []
-    try:
-        messages.append(inbox.get(timeout=timeout) if block else inbox.get_nowait())
-        while True:
-            messages.append(inbox.get_nowait())
-    except queue.Empty:
-        pass
+    if inbox.poll(timeout if block else 0):
+        messages.append(inbox.recv())
+        while len(messages) < _MAX_MESSAGES_PER_STEP and inbox.poll(0):
+            messages.append(inbox.recv())
     return messages
 
 
 def serve_loop(spec: WorkerSpec, engine, inbox, results) -> None:
-    """Run until a StopWorker arrives or the frontend is gone. `results` is the write end of a pipe."""
+    """Run until a StopWorker arrives or the frontend is gone. `inbox` is the read end of a pipe, `results` the
+    write end of another."""
     next_memory = time.monotonic() + spec.memory_interval_s
-    parent = multiprocessing.parent_process()
     while True:
-        messages = _drain(inbox, block=not engine.has_work, timeout=spec.memory_interval_s)
+        try:
+            messages = _drain(inbox, block=not engine.has_work, timeout=spec.memory_interval_s)
+        except EOFError:
+            # The frontend is gone (killed outright: no StopWorker): do not keep its model (and GPU) forever.
+            _LOGGER.warning("%s: the frontend is gone; exiting", spec.worker_key)
+            return
         events, aborts = [], set()
         for message in messages:
             if isinstance(message, StopWorker):
@@ -134,10 +145,6 @@ def serve_loop(spec: WorkerSpec, engine, inbox, results) -> None:
             events.extend(step_events)
         memory = None
         if time.monotonic() >= next_memory:
-            # A frontend killed outright never sends StopWorker: do not keep its model (and GPU) forever.
-            if parent is not None and not parent.is_alive():
-                _LOGGER.warning("%s: the frontend is gone; exiting", spec.worker_key)
-                return
             memory = read_memory()
             next_memory = time.monotonic() + spec.memory_interval_s
         if events or memory is not None or kind or messages:
@@ -156,7 +163,7 @@ def serve_loop(spec: WorkerSpec, engine, inbox, results) -> None:
 
 
 def run_worker(spec: WorkerSpec, inbox, results) -> None:
-    """Process entry point (spawn target). `inbox`: a multiprocessing queue; `results`: a pipe's write end."""
+    """Process entry point (spawn target). `inbox`: a pipe's read end; `results`: another pipe's write end."""
     # Before torch is imported: which GPUs this process sees, and how many CPU threads it uses.
     os.environ["CUDA_VISIBLE_DEVICES"] = spec.cuda_visible_devices
     os.environ.setdefault("OMP_NUM_THREADS", str(spec.threads))
@@ -168,12 +175,21 @@ def run_worker(spec: WorkerSpec, inbox, results) -> None:
     import torch
 
     torch.set_num_threads(spec.threads)
+    faults = Faults.for_model(spec.model_name)
+    if faults.load_hang:
+        _LOGGER.warning("%s: injected fault: hanging instead of loading", spec.worker_key)
+        while True:
+            time.sleep(3600)
     try:
         engine, ready = load_engine(spec)
+        engine.model = faults.wrap_model(engine.model)
     except Exception as exc:  # noqa: BLE001  (reported to the frontend, which decides)
         _LOGGER.error("failed to load %s: %s", spec.model_path, traceback.format_exc())
         results.send(WorkerFailed(worker_key=spec.worker_key, error=f"{type(exc).__name__}: {exc}"))
         return
-    results.send(ready)
-    _LOGGER.info("%s ready: dtype=%s devices=%s", spec.worker_key, ready.dtype, ready.devices)
-    serve_loop(spec, engine, inbox, results)
+    try:
+        results.send(ready)
+        _LOGGER.info("%s ready: dtype=%s devices=%s", spec.worker_key, ready.dtype, ready.devices)
+        serve_loop(spec, engine, inbox, results)
+    except BrokenPipeError:
+        _LOGGER.warning("%s: the frontend is gone; exiting", spec.worker_key)

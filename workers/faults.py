@@ -1,0 +1,66 @@
+"""Fault injection for the reliability tests; off unless the MODELPOOL_FAULTS environment variable names a fault.
+
+Only the trigger is fake: the code that handles the fault (out-of-memory
+recovery in the engine, the frontend's load timeout) is the real one.
+
+    MODELPOOL_FAULTS="slow:load_hang,tiny:oom_prompt_tokens=100"
+
+Each entry is `<model name>:<fault>[=<value>]`; faults of other models are ignored.
+- `load_hang`: the worker never finishes loading its model.
+- `oom_prompt_tokens=N`: a prefill whose longest prompt has more than N tokens
+  runs out of device memory (`torch.OutOfMemoryError`, as CUDA raises it).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+ENV = "MODELPOOL_FAULTS"
+
+
+@dataclass(frozen=True)
+class Faults:
+    load_hang: bool = False
+    oom_prompt_tokens: int = 0
+
+    @classmethod
+    def for_model(cls, model_name: str, spec: str | None = None) -> "Faults":
+        spec = os.environ.get(ENV, "") if spec is None else spec
+        values: dict[str, object] = {}
+        for entry in filter(None, (e.strip() for e in spec.split(","))):
+            model, _, fault = entry.partition(":")
+            if model != model_name:
+                continue
+            name, _, value = fault.partition("=")
+            if name == "load_hang":
+                values["load_hang"] = True
+            elif name == "oom_prompt_tokens":
+                values["oom_prompt_tokens"] = int(value)
+            else:
+                raise ValueError(f"{ENV}: unknown fault {name!r}")
+        return cls(**values)  # type: ignore[arg-type]
+
+    @property
+    def any(self) -> bool:
+        return self != Faults()
+
+    def wrap_model(self, model):
+        return _OutOfMemoryOnLongPrompts(model, self.oom_prompt_tokens) if self.oom_prompt_tokens else model
+
+
+class _OutOfMemoryOnLongPrompts:
+    """Calls the model, except that a forward pass over more than `limit` tokens per row runs out of memory."""
+
+    def __init__(self, model, limit: int):
+        self._model, self._limit = model, limit
+
+    def __getattr__(self, name):
+        return getattr(self._model, name)
+
+    def __call__(self, input_ids, **kwargs):
+        import torch
+
+        if input_ids.shape[1] > self._limit:
+            raise torch.OutOfMemoryError(f"injected fault: out of memory on a {input_ids.shape[1]}-token prefill")
+        return self._model(input_ids=input_ids, **kwargs)

@@ -349,10 +349,19 @@ class Dispatcher:
     def in_flight(self) -> int:
         return len(self._streams)
 
+    def fail_in_flight(self, reason: str) -> None:
+        """Every request still in flight ends now with UNAVAILABLE (drain timeout, or told to stop at once)."""
+        for request_id in list(self._streams):
+            stream = self._retire(request_id, Outcome.FAILED)
+            stream._fail(Unavailable(reason))
+            try:
+                stream.worker.send(AbortCall(request_id))
+            except InboxClosed:
+                pass
+
     async def stop_workers(self, timeout: float = 10.0) -> None:
         """Stop every worker, terminating those that do not exit within `timeout` seconds."""
         self._closing = True
+        self.fail_in_flight("the server stopped")
         handles = [w for pool in self.pools.values() for w in pool.workers]
         await asyncio.gather(*(asyncio.to_thread(w.stop, timeout) for w in handles))
-        for request_id in list(self._streams):
-            self._retire(request_id, Outcome.FAILED)._fail(Unavailable("the server stopped"))

@@ -82,9 +82,11 @@ async def serve(config: ServerConfig) -> None:
     await health_servicer.enter_graceful_shutdown()
     drained = await _first(dispatcher.wait_drained(config.drain_timeout_s), stop_now.wait())
     if not drained:
-        _LOGGER.warning("%s: cancelling %d requests", "stopping now" if stop_now.is_set() else "drain timeout", dispatcher.in_flight)
-    # A little grace for handlers still writing their last message, unless told to stop now.
-    grace = 0.0 if stop_now.is_set() else max(1.0, config.drain_timeout_s - (loop.time() - started))
+        why = "told to stop now" if stop_now.is_set() else f"drain timeout ({config.drain_timeout_s:g} s)"
+        _LOGGER.warning("%s: ending %d requests with UNAVAILABLE", why, dispatcher.in_flight)
+        dispatcher.fail_in_flight(f"the server is shutting down: {why}")
+    # A little grace for handlers still writing their last message.
+    grace = 1.0 if stop_now.is_set() else max(1.0, config.drain_timeout_s - (loop.time() - started))
     await server.stop(grace)
     await dispatcher.stop_workers(timeout=2.0 if stop_now.is_set() else 10.0)
     _LOGGER.info("stopped")

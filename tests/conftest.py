@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 
 from modelpool import Client
-from tests import tiny_model
+from tests import figures, tiny_model
 from tests.server_process import REPO, ServerProcess
+from workers.faults import ENV as FAULTS_ENV
 
 MODELS_DIR = REPO / ".cache" / "test-models"
 
@@ -22,6 +23,11 @@ def tiny_dir() -> Path:
 @pytest.fixture(scope="session")
 def tiny_nochat_dir() -> Path:
     return tiny_model.build(MODELS_DIR / "tiny-nochat", chat_template=False)
+
+
+def pytest_addoption(parser):
+    parser.addoption("--fuzz-examples", type=int, default=200, help="requests the gRPC fuzz test sends (full: 1000)")
+    parser.addoption("--soak-seconds", type=float, default=20.0, help="how long the soak test loads the server")
 
 
 def write_config(path: Path, text: str) -> Path:
@@ -92,7 +98,65 @@ def server(tmp_path_factory, tiny_dir, tiny_nochat_dir):
         proc.stop()
 
 
+@pytest.fixture(scope="session")
+def chaos_server(tmp_path_factory, tiny_dir):
+    """A server for the reliability tests, whose workers tests may kill, slow down or run out of memory:
+    - tiny: two workers, eight sequences each, a queue of 64;
+    - slow: two workers whose every forward pass takes 10 ms longer (injected), so requests stay in flight;
+    - oom: one worker that runs out of memory (injected) on prompts longer than 64 tokens."""
+    tmp = tmp_path_factory.mktemp("chaos")
+    config = write_config(
+        tmp / "modelpool.toml",
+        f"""
+        [server]
+        default_model = "tiny"
+        restart_backoff_s = 0.2
+        memory_interval_s = 0.5
+
+        [[models]]
+        name = "tiny"
+        source = "{tiny_dir}"
+        max_batch_size = 8
+        max_queue = 64
+        [[models.workers]]
+        replicas = 2
+        threads = 1
+
+        [[models]]
+        name = "slow"
+        source = "{tiny_dir}"
+        max_batch_size = 16
+        max_queue = 8
+        [[models.workers]]
+        replicas = 2
+        threads = 1
+
+        [[models]]
+        name = "oom"
+        source = "{tiny_dir}"
+        [[models.workers]]
+        threads = 1
+        """,
+    )
+    proc = ServerProcess(
+        ["--config", str(config)], tmp / "server.log", env={FAULTS_ENV: "slow:slow_step_ms=10,oom:oom_prompt_tokens=64"}
+    )
+    try:
+        proc.wait_serving()
+        yield proc
+    finally:
+        proc.stop()
+
+
 @pytest.fixture
 def client(server):
     with Client(server.target, timeout=120) as c:
         yield c
+
+
+def pytest_terminal_summary(terminalreporter):
+    lines = figures.table()
+    if lines:
+        terminalreporter.section("reliability figures")
+        for line in lines:
+            terminalreporter.write_line(line)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import concurrent.futures
-import time
 
 import grpc
 import pytest
@@ -11,6 +10,7 @@ import pytest
 from modelpool import Client, build_request
 from modelpool.v1 import generation_pb2 as pb
 from modelpool.v1 import generation_pb2_grpc as pb_grpc
+from tests.helpers import load, wait_idle, wait_until
 
 
 @pytest.fixture
@@ -77,7 +77,7 @@ def test_full_queue_is_resource_exhausted_and_accepted_requests_finish(server):
         long = build_request(pb.StreamGenerateRequest, prompt="go", model="limited", max_new_tokens=200, ignore_eos=True)
         first, second = stub.StreamGenerate(long, timeout=120), stub.StreamGenerate(long, timeout=120)
         with Client(server.target) as client:
-            wait_until(lambda: _running(client, "limited")[1] == 2)  # both accepted
+            wait_until(lambda: load(client, "limited")[1] == 2)  # both accepted
         error = call_error(stub, build_request(prompt="x", model="limited", max_new_tokens=2))
         assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert "limited" in error.details()
@@ -87,25 +87,6 @@ def test_full_queue_is_resource_exhausted_and_accepted_requests_finish(server):
             assert sum(len(p.token_ids) for p in pieces) == 200
         # And the model serves again once they are done.
         assert stub.Generate(build_request(prompt="x", model="limited", max_new_tokens=2), timeout=60).usage.completion_tokens == 2
-
-
-def _running(client, model):
-    info = next(m for m in client.models() if m.name == model)
-    return sum(w.running_sequences for w in info.workers), sum(w.outstanding_requests for w in info.workers)
-
-
-def wait_until(condition, timeout=60, what="condition"):
-    """Poll a client-visible condition; the bound only keeps a broken server from hanging the suite."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"{what} not reached in {timeout} s")
-
-
-def wait_idle(client, model):
-    wait_until(lambda: _running(client, model) == (0, 0), what=f"{model} idle (running, outstanding = 0, 0)")
 
 
 def test_cancelled_stream_frees_its_slot(client):

@@ -6,16 +6,15 @@ import filecmp
 import signal
 import subprocess
 import sys
-import urllib.request
 from pathlib import Path
 
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
-from prometheus_client.parser import text_string_to_metric_families
 
 from modelpool import Client
+from tests.helpers import samples, scrape
 from tests.server_process import REPO, ServerProcess
 
 
@@ -39,15 +38,6 @@ def test_reflection_lists_and_describes_the_service(server):
         service = pool.FindServiceByName("modelpool.v1.GenerationService")
         assert [m.name for m in service.methods] == ["Generate", "StreamGenerate", "ListModels"]
         assert service.methods_by_name["StreamGenerate"].server_streaming
-
-
-def scrape(server) -> dict:
-    text = urllib.request.urlopen(server.metrics_url, timeout=10).read().decode()
-    return {family.name: family for family in text_string_to_metric_families(text)}
-
-
-def samples(family, **labels):
-    return [s for s in family.samples if all(s.labels.get(k) == v for k, v in labels.items())]
 
 
 def test_metrics_are_scraped_and_parsed(server, client):
@@ -96,31 +86,6 @@ def test_sigterm_drains_in_flight_and_exits_zero(tmp_path, tiny_dir):
             assert rest[-1].finish_reason == 1
         assert proc.proc.wait(120) == 0
         assert "stopped" in proc.log()
-    finally:
-        proc.stop()
-
-
-def test_workers_exit_when_the_frontend_is_killed(tmp_path, tiny_dir):
-    """A frontend killed outright sends no StopWorker; its workers notice and exit rather than hold the model."""
-    import os
-    import time
-
-    proc = ServerProcess(["--model", str(tiny_dir)], tmp_path / "server.log")
-    try:
-        proc.wait_serving()
-        with Client(proc.target, timeout=30) as client:
-            pid = client.models()[0].workers[0].pid
-        proc.proc.kill()
-        proc.proc.wait(30)
-        deadline = time.monotonic() + 60  # bounds a broken worker; the check itself runs every 2 s
-        while time.monotonic() < deadline:
-            try:
-                os.kill(pid, 0)
-            except ProcessLookupError:
-                return
-            time.sleep(0.2)
-        os.kill(pid, signal.SIGKILL)
-        raise AssertionError(f"worker {pid} outlived its frontend")
     finally:
         proc.stop()
 

@@ -207,13 +207,18 @@ class Engine:
     def _guard_oom(self, seqs: list[Sequence], run, decode: bool) -> list[SequenceEvent]:
         """Out of device memory fails requests, not the worker.
 
-        A prefill that fails before its newcomers join fails only them. A failed decode (forward or the
-        filtering after it) or join may leave the cache half-updated, so every running sequence fails too."""
+        A prefill that fails before its newcomers join fails only them, and a batch of newcomers is then tried
+        one by one, so that only those that cannot fit fail. A failed decode (forward or the filtering after it)
+        or join may leave the cache half-updated, so every running sequence fails too."""
         running_before = list(self.running)
         try:
             return run()
         except torch.OutOfMemoryError as exc:
             batch_touched = decode or bool(self._joining)
+            if not batch_touched and len(seqs) > 1:
+                _LOGGER.warning("out of memory prefilling %d sequences together; trying each alone", len(seqs))
+                self._release_cached_memory()
+                return [e for seq in seqs for e in self._guard_oom([seq], lambda s=seq: self._prefill([s]), False)]
             failed = {seq.request_id: seq for seq in (*seqs, *(running_before if batch_touched else ()))}
             _LOGGER.warning("out of memory in a step, failing %d sequences: %s", len(failed), exc)
             if batch_touched:
@@ -221,9 +226,13 @@ class Engine:
             self._joining = []
             return self._oom_events(list(failed.values()))
 
-    def _oom_events(self, seqs: list[Sequence]) -> list[SequenceEvent]:
+    @staticmethod
+    def _release_cached_memory() -> None:
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
+
+    def _oom_events(self, seqs: list[Sequence]) -> list[SequenceEvent]:
+        self._release_cached_memory()
         return [self._error_event(seq, ErrorKind.RESOURCE_EXHAUSTED, "out of memory on the device") for seq in seqs]
 
     # ------------------------------------------------------------ per-token bookkeeping

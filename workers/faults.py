@@ -3,17 +3,20 @@
 Only the trigger is fake: the code that handles the fault (out-of-memory
 recovery in the engine, the frontend's load timeout) is the real one.
 
-    MODELPOOL_FAULTS="slow:load_hang,tiny:oom_prompt_tokens=100"
+    MODELPOOL_FAULTS="stuck:load_hang,tiny:oom_prompt_tokens=100,tiny:slow_step_ms=50"
 
 Each entry is `<model name>:<fault>[=<value>]`; faults of other models are ignored.
 - `load_hang`: the worker never finishes loading its model.
 - `oom_prompt_tokens=N`: a prefill whose longest prompt has more than N tokens
   runs out of device memory (`torch.OutOfMemoryError`, as CUDA raises it).
+- `slow_step_ms=N`: every forward pass takes N ms longer, like a slow device, so
+  that tests can hold requests in flight for as long as they need.
 """
 
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass
 
 ENV = "MODELPOOL_FAULTS"
@@ -23,6 +26,7 @@ ENV = "MODELPOOL_FAULTS"
 class Faults:
     load_hang: bool = False
     oom_prompt_tokens: int = 0
+    slow_step_ms: int = 0
 
     @classmethod
     def for_model(cls, model_name: str, spec: str | None = None) -> "Faults":
@@ -35,8 +39,8 @@ class Faults:
             name, _, value = fault.partition("=")
             if name == "load_hang":
                 values["load_hang"] = True
-            elif name == "oom_prompt_tokens":
-                values["oom_prompt_tokens"] = int(value)
+            elif name in ("oom_prompt_tokens", "slow_step_ms"):
+                values[name] = int(value)
             else:
                 raise ValueError(f"{ENV}: unknown fault {name!r}")
         return cls(**values)  # type: ignore[arg-type]
@@ -46,14 +50,14 @@ class Faults:
         return self != Faults()
 
     def wrap_model(self, model):
-        return _OutOfMemoryOnLongPrompts(model, self.oom_prompt_tokens) if self.oom_prompt_tokens else model
+        return _FaultyModel(model, self) if self.oom_prompt_tokens or self.slow_step_ms else model
 
 
-class _OutOfMemoryOnLongPrompts:
-    """Calls the model, except that a forward pass over more than `limit` tokens per row runs out of memory."""
+class _FaultyModel:
+    """Calls the model, with the configured faults around each forward pass."""
 
-    def __init__(self, model, limit: int):
-        self._model, self._limit = model, limit
+    def __init__(self, model, faults: Faults):
+        self._model, self._faults = model, faults
 
     def __getattr__(self, name):
         return getattr(self._model, name)
@@ -61,6 +65,9 @@ class _OutOfMemoryOnLongPrompts:
     def __call__(self, input_ids, **kwargs):
         import torch
 
-        if input_ids.shape[1] > self._limit:
+        limit = self._faults.oom_prompt_tokens
+        if limit and input_ids.shape[1] > limit:
             raise torch.OutOfMemoryError(f"injected fault: out of memory on a {input_ids.shape[1]}-token prefill")
+        if self._faults.slow_step_ms:
+            time.sleep(self._faults.slow_step_ms / 1000)
         return self._model(input_ids=input_ids, **kwargs)

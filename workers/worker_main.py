@@ -168,12 +168,17 @@ def run_worker(spec: WorkerSpec, inbox, results) -> None:
     os.environ["CUDA_VISIBLE_DEVICES"] = spec.cuda_visible_devices
     os.environ.setdefault("OMP_NUM_THREADS", str(spec.threads))
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # No progress bars in a worker's log; tqdm's bar also takes a multiprocessing lock (a named semaphore) that a
+    # killed worker would leave to the resource tracker, which then warns about it at the server's exit.
+    os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
     logging.basicConfig(
         level=os.environ.get("MODELPOOL_LOG_LEVEL", "INFO"),
         format=f"%(asctime)s %(levelname)s worker[{spec.worker_key}] %(name)s: %(message)s",
     )
     import torch
+    import transformers
 
+    transformers.utils.logging.disable_progress_bar()
     torch.set_num_threads(spec.threads)
     faults = Faults.for_model(spec.model_name)
     if faults.load_hang:

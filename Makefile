@@ -9,7 +9,7 @@ METRICS_PORT ?= 9090
 WORKERS ?= 1
 PYTEST_ARGS ?=
 
-.PHONY: setup serve test proto lint-proto bench clean
+.PHONY: setup serve test lint proto lint-proto bench clean
 
 # The stamp is rebuilt when a dependency list changes.
 $(VENV)/.setup-done: pyproject.toml clients/python/pyproject.toml
@@ -30,6 +30,13 @@ serve: setup
 
 test: setup
 	$(PY) -m pytest -ra $(PYTEST_ARGS)
+
+# ruff (lint and format) and mypy over the server, the workers and the Python client; .ci/run runs it first.
+LINTED := service workers clients/python
+lint: setup
+	$(VENV)/bin/ruff check $(LINTED)
+	$(VENV)/bin/ruff format --check $(LINTED)
+	$(VENV)/bin/mypy
 
 proto: setup
 	$(PY) -m grpc_tools.protoc -I proto --python_out=clients/python --pyi_out=clients/python \

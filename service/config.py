@@ -88,7 +88,7 @@ class ServerConfig:
     def default_model_name(self) -> str:
         return self.default_model or self.models[0].name
 
-    def validate(self) -> "ServerConfig":
+    def validate(self) -> ServerConfig:
         if not self.models:
             raise ConfigError("models: at least one model is needed")
         names = [m.name for m in self.models]
@@ -121,7 +121,7 @@ class ServerConfig:
 
     def worker_specs(self, model: ModelConfig, model_path: str) -> list[WorkerSpec]:
         """One spec per worker process of `model`, with CPU threads split among all CPU workers."""
-        specs = []
+        specs: list[WorkerSpec] = []
         for group in model.workers:
             for _ in range(group.replicas):
                 specs.append(
@@ -163,9 +163,7 @@ def from_dict(data: dict[str, Any]) -> ServerConfig:
     models = []
     for i, raw in enumerate(data.get("models", [])):
         raw = dict(raw)
-        groups = [
-            _build(WorkerGroupConfig, dict(w), f"models[{i}].workers") for w in raw.pop("workers", [{}])
-        ]
+        groups = [_build(WorkerGroupConfig, dict(w), f"models[{i}].workers") for w in raw.pop("workers", [{}])]
         if "name" not in raw:
             raise ConfigError(f"models[{i}].name: missing")
         models.append(_build(ModelConfig, {**raw, "workers": groups}, f"models[{i}]"))

@@ -11,7 +11,6 @@ import struct
 from dataclasses import dataclass
 
 from modelpool.v1 import generation_pb2 as pb
-
 from service.errors import InvalidArgument
 from workers.messages import FinishReason, SamplingParams, SequenceEvent, StoppingParams
 
@@ -64,9 +63,7 @@ def parse_request(request: pb.GenerateRequest | pb.StreamGenerateRequest) -> Par
         for i, message in enumerate(request.chat.messages):
             role = _ROLES.get(message.role)
             if role is None:
-                raise InvalidArgument(
-                    f"chat.messages[{i}].role", "must be ROLE_SYSTEM, ROLE_USER or ROLE_ASSISTANT"
-                )
+                raise InvalidArgument(f"chat.messages[{i}].role", "must be ROLE_SYSTEM, ROLE_USER or ROLE_ASSISTANT")
             messages.append({"role": role, "content": message.content})
 
     s = request.sampling
@@ -104,8 +101,15 @@ def parse_request(request: pb.GenerateRequest | pb.StreamGenerateRequest) -> Par
     )
 
 
-def _finish_reason(reason: FinishReason) -> int:
-    return int(reason) if reason in (FinishReason.LENGTH, FinishReason.END_OF_SEQUENCE, FinishReason.STOP_SEQUENCE) else 0
+_FINISH_REASONS = {
+    FinishReason.LENGTH: pb.FINISH_REASON_LENGTH,
+    FinishReason.END_OF_SEQUENCE: pb.FINISH_REASON_END_OF_SEQUENCE,
+    FinishReason.STOP_SEQUENCE: pb.FINISH_REASON_STOP_SEQUENCE,
+}
+
+
+def _finish_reason(reason: FinishReason) -> pb.FinishReason:
+    return _FINISH_REASONS.get(reason, pb.FINISH_REASON_UNSPECIFIED)
 
 
 def _timings(timings) -> pb.Timings:

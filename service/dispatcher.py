@@ -16,12 +16,13 @@ to a worker or given up.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import itertools
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 from service import metrics
 from service.config import ModelConfig, ServerConfig
@@ -65,14 +66,14 @@ class Timings:
 
     @property
     def total_seconds(self) -> float:
-        return ((self.last_token or time.time()) - self.arrival)
+        return (self.last_token or time.time()) - self.arrival
 
 
 class RequestStream:
     """The events of one request, read by its RPC handler; filled by the dispatcher."""
 
     def __init__(
-        self, dispatcher: "Dispatcher", request_id: int, series: metrics.ModelSeries, worker: WorkerHandle, arrival: float
+        self, dispatcher: Dispatcher, request_id: int, series: metrics.ModelSeries, worker: WorkerHandle, arrival: float
     ):
         self._dispatcher = dispatcher
         self.request_id = request_id
@@ -115,7 +116,7 @@ class RequestStream:
 class Ticket:
     """A place in a model's capacity, taken before the request is tokenized; `submit` or `release` ends it."""
 
-    def __init__(self, pool: "ModelPool"):
+    def __init__(self, pool: ModelPool):
         self.pool = pool
         self.active = True
         pool.admitting += 1
@@ -198,7 +199,13 @@ class Dispatcher:
         if isinstance(message, StepOutput):
             self._on_step(handle, message)
         elif isinstance(message, WorkerReady):
-            _LOGGER.info("worker %s ready (pid %d, dtype %s, devices %s)", handle.key, message.pid, message.dtype, message.devices)
+            _LOGGER.info(
+                "worker %s ready (pid %d, dtype %s, devices %s)",
+                handle.key,
+                message.pid,
+                message.dtype,
+                message.devices,
+            )
             metrics.WORKER_UP.labels(model, handle.key).set(1)
             metrics.record_memory(model, handle.key, message.memory)
             self._readiness_changed()
@@ -207,6 +214,8 @@ class Dispatcher:
         model = handle.spec.model_name
         metrics.WORKER_UP.labels(model, handle.key).set(0)
         metrics.WORKER_RUNNING.labels(model, handle.key).set(0)
+        handle.running = handle.waiting = 0
+        self._update_model_gauges(self.pools[model])
         error = Unavailable(f"worker {handle.key} of model {model!r} died: {handle.last_error}")
         for request_id in list(handle.outstanding):
             self._retire(request_id, Outcome.FAILED)._fail(error)
@@ -254,6 +263,8 @@ class Dispatcher:
 
     def submit(self, ticket: Ticket, call_args: dict) -> RequestStream:
         """Send an admitted request to the least-loaded ready worker; the ticket ends here, whatever happens."""
+        if not ticket.active:
+            raise RuntimeError("a ticket admits one request")
         pool = ticket.pool
         ticket.release()
         worker = self._check_available(pool)  # workers may have died or the server begun to stop meanwhile
@@ -274,20 +285,19 @@ class Dispatcher:
     def abort(self, request_id: int) -> None:
         if request_id not in self._streams:
             return
-        stream = self._retire(request_id, Outcome.ABORTED)
+        self._abort_in_worker(self._retire(request_id, Outcome.ABORTED))
+
+    @staticmethod
+    def _abort_in_worker(stream: RequestStream) -> None:
         if stream.worker.state is not WorkerState.STOPPED:
-            try:
-                stream.worker.send(AbortCall(request_id))
-            except InboxClosed:  # the worker is gone with the request
-                pass
+            with contextlib.suppress(InboxClosed):  # the worker is gone with the request
+                stream.worker.send(AbortCall(stream.request_id))
 
     def _on_step(self, handle: WorkerHandle, output: StepOutput) -> None:
         model = handle.spec.model_name
         handle.running, handle.waiting = output.running, output.waiting
         metrics.record_step(model, handle.key, output)
-        pool = self.pools[model]
-        metrics.RUNNING.labels(model).set(sum(w.running for w in pool.workers))
-        metrics.QUEUED.labels(model).set(sum(w.waiting for w in pool.workers))
+        self._update_model_gauges(self.pools[model])
         now = time.time()
         for event in output.events:
             stream = self._streams.get(event.request_id)
@@ -299,6 +309,11 @@ class Dispatcher:
                 failed = event.finish_reason is FinishReason.ERROR
                 self._retire(event.request_id, Outcome.FAILED if failed else Outcome.FINISHED)
             stream._put(event)
+
+    @staticmethod
+    def _update_model_gauges(pool: ModelPool) -> None:
+        metrics.RUNNING.labels(pool.config.name).set(sum(w.running for w in pool.workers))
+        metrics.QUEUED.labels(pool.config.name).set(sum(w.waiting for w in pool.workers))
 
     def _record_progress(self, stream: RequestStream, event: SequenceEvent, now: float) -> None:
         t, series = stream.timings, stream.series
@@ -342,7 +357,7 @@ class Dispatcher:
         try:
             await asyncio.wait_for(self._drained.wait(), timeout)
             return True
-        except asyncio.TimeoutError:
+        except TimeoutError:
             return False
 
     @property
@@ -354,10 +369,7 @@ class Dispatcher:
         for request_id in list(self._streams):
             stream = self._retire(request_id, Outcome.FAILED)
             stream._fail(Unavailable(reason))
-            try:
-                stream.worker.send(AbortCall(request_id))
-            except InboxClosed:
-                pass
+            self._abort_in_worker(stream)
 
     async def stop_workers(self, timeout: float = 10.0) -> None:
         """Stop every worker, terminating those that do not exit within `timeout` seconds."""

@@ -46,9 +46,7 @@ E2E_LATENCY = Histogram(
 PROMPT_TOKENS = Counter("modelpool_prompt_tokens_total", "Prompt tokens of accepted requests.", ["model"])
 GENERATION_TOKENS = Counter("modelpool_generation_tokens_total", "Generated tokens.", ["model"])
 IN_FLIGHT = Gauge("modelpool_requests_in_flight", "Accepted requests not yet finished.", ["model"])
-QUEUED = Gauge(
-    "modelpool_requests_queued", "Requests waiting in workers for a place in the running batch.", ["model"]
-)
+QUEUED = Gauge("modelpool_requests_queued", "Requests waiting in workers for a place in the running batch.", ["model"])
 RUNNING = Gauge("modelpool_requests_running", "Sequences in running batches.", ["model"])
 BATCH_SIZE = Histogram(
     "modelpool_batch_size", "Sequences in the batch of each decode step.", ["model"], buckets=_BATCH_BUCKETS
@@ -56,10 +54,16 @@ BATCH_SIZE = Histogram(
 STEP_TIME = Histogram(
     "modelpool_step_seconds", "Duration of engine steps.", ["model", "kind"], buckets=_TOKEN_LATENCY_BUCKETS
 )
-WORKER_UP = Gauge("modelpool_worker_up", "1 when the worker has its model loaded and takes requests.", ["model", "worker"])
-WORKER_RESTARTS = Counter("modelpool_worker_restarts_total", "Restarts after the worker process died.", ["model", "worker"])
+WORKER_UP = Gauge(
+    "modelpool_worker_up", "1 when the worker has its model loaded and takes requests.", ["model", "worker"]
+)
+WORKER_RESTARTS = Counter(
+    "modelpool_worker_restarts_total", "Restarts after the worker process died.", ["model", "worker"]
+)
 WORKER_RUNNING = Gauge("modelpool_worker_running_sequences", "Sequences in this worker's batch.", ["model", "worker"])
-WORKER_RSS = Gauge("modelpool_worker_resident_memory_bytes", "Resident memory of the worker process.", ["model", "worker"])
+WORKER_RSS = Gauge(
+    "modelpool_worker_resident_memory_bytes", "Resident memory of the worker process.", ["model", "worker"]
+)
 _GPU_LABELS = ["model", "worker", "device"]
 GPU_ALLOCATED = Gauge("modelpool_gpu_memory_allocated_bytes", "torch.cuda.memory_allocated.", _GPU_LABELS)
 GPU_RESERVED = Gauge("modelpool_gpu_memory_reserved_bytes", "torch.cuda.memory_reserved.", _GPU_LABELS)
@@ -86,6 +90,10 @@ class _MetricsServer(socketserver.ThreadingMixIn, WSGIServer):
     request_queue_size = 128
 
 
+class _MetricsServer6(_MetricsServer):
+    address_family = socket.AF_INET6
+
+
 class _QuietHandler(WSGIRequestHandler):
     def log_message(self, format, *args):  # noqa: A002  (one line per scrape is noise)
         pass
@@ -93,9 +101,7 @@ class _QuietHandler(WSGIRequestHandler):
 
 def serve(host: str, port: int) -> None:
     """Expose /metrics over HTTP on its own port (a daemon thread)."""
-    server_class = _MetricsServer
-    if ":" in host:
-        server_class = type("_MetricsServer6", (_MetricsServer,), {"address_family": socket.AF_INET6})
+    server_class: type[_MetricsServer] = _MetricsServer6 if ":" in host else _MetricsServer
     server = make_server(host, port, make_wsgi_app(), server_class=server_class, handler_class=_QuietHandler)
     threading.Thread(target=server.serve_forever, daemon=True, name="metrics-http").start()
 

@@ -14,6 +14,7 @@ import concurrent.futures
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from service import model_source
 from service.config import ModelConfig
@@ -31,7 +32,7 @@ BYTES_PER_CONTEXT_TOKEN = 32
 class ServedModel:
     config: ModelConfig
     path: Path
-    tokenizer: object
+    tokenizer: Any  # a transformers tokenizer
     context_length: int
     _executor: concurrent.futures.ThreadPoolExecutor = field(init=False, repr=False)
 
@@ -39,7 +40,7 @@ class ServedModel:
         self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=f"tokenize-{self.config.name}")
 
     @classmethod
-    def load(cls, config: ModelConfig) -> "ServedModel":
+    def load(cls, config: ModelConfig) -> ServedModel:
         from transformers import AutoConfig, AutoTokenizer
 
         path = model_source.resolve(config.source, config.revision)
@@ -78,23 +79,20 @@ class ServedModel:
 
     async def encode(self, request: ParsedRequest) -> list[int]:
         """The prompt's token ids (the chat template applied), computed on this model's tokenizer thread."""
+        loop = asyncio.get_running_loop()
         if request.prompt is not None:
-            work, arg = self.encode_prompt, request.prompt
-        else:
-            work, arg = self.encode_chat, request.messages
-        return await asyncio.get_running_loop().run_in_executor(self._executor, work, arg)
+            return await loop.run_in_executor(self._executor, self.encode_prompt, request.prompt)
+        return await loop.run_in_executor(self._executor, self.encode_chat, request.messages or [])
 
     def encode_prompt(self, prompt: str) -> list[int]:
         return list(self.tokenizer(prompt, add_special_tokens=True)["input_ids"])
 
     def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
         if not self.has_chat_template:
-            raise InvalidArgument(
-                "chat", f"model {self.name!r} has no chat template; send a raw prompt instead"
-            )
+            raise InvalidArgument("chat", f"model {self.name!r} has no chat template; send a raw prompt instead")
         try:
             text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        except Exception as exc:  # noqa: BLE001  (templates raise on conversations they refuse)
+        except Exception as exc:
             raise InvalidArgument("chat.messages", f"the chat template refused them: {exc}") from exc
         # The template already wrote the special tokens (BOS, turn markers).
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
@@ -111,11 +109,10 @@ class ServedModel:
         batch_room = self.config.max_batch_tokens - prompt_tokens
         if batch_room < 1:
             raise InvalidArgument(
-                "prompt", f"{prompt_tokens} tokens leave no room under max_batch_tokens ({self.config.max_batch_tokens})"
+                "prompt",
+                f"{prompt_tokens} tokens leave no room under max_batch_tokens ({self.config.max_batch_tokens})",
             )
-        max_new = (
-            stopping.max_new_tokens if explicit_max else min(self.config.default_max_new_tokens, room, batch_room)
-        )
+        max_new = stopping.max_new_tokens if explicit_max else min(self.config.default_max_new_tokens, room, batch_room)
         if max_new > room:
             raise InvalidArgument(
                 "stopping.max_new_tokens",

@@ -28,9 +28,13 @@ async def serve(config: ServerConfig) -> None:
         for name in ("", SERVICE_NAME):
             await health_servicer.set(name, status)
 
+    health_updates: set[asyncio.Task] = set()
+
     def on_readiness(ready: bool) -> None:
         _LOGGER.info("health: %s", "SERVING" if ready else "NOT_SERVING")
-        loop.create_task(set_health(ready))
+        task = loop.create_task(set_health(ready))
+        health_updates.add(task)  # the loop keeps only weak references to its tasks
+        task.add_done_callback(health_updates.discard)
 
     await set_health(False)
     # Fetching or converting a model can take a while: keep the loop free for nothing else yet, but off it.
@@ -74,7 +78,9 @@ async def serve(config: ServerConfig) -> None:
         loop.add_signal_handler(sig, on_signal)
     await stop.wait()
 
-    _LOGGER.info("shutting down: %d requests in flight, draining up to %.0f s", dispatcher.in_flight, config.drain_timeout_s)
+    _LOGGER.info(
+        "shutting down: %d requests in flight, draining up to %.0f s", dispatcher.in_flight, config.drain_timeout_s
+    )
     started = loop.time()
     # The listener stays open while draining, so that new calls get a clear UNAVAILABLE from us rather
     # than whatever a closing transport says; accepted ones finish.

@@ -16,8 +16,8 @@ from dataclasses import dataclass
 
 import grpc
 from google.protobuf.message import DecodeError
-from modelpool.v1 import generation_pb2 as pb
 
+from modelpool.v1 import generation_pb2 as pb
 from service import convert, metrics
 from service.dispatcher import Dispatcher, RequestStream
 from service.errors import InvalidArgument, NotFound, code_of, quoted, status_mapped
@@ -50,7 +50,7 @@ def _tolerant(message_class):
     return deserialize
 
 
-def rpc_handlers(servicer: "GenerationServicer") -> grpc.GenericRpcHandler:
+def rpc_handlers(servicer: GenerationServicer) -> grpc.GenericRpcHandler:
     """The service's method handlers, registered like generated code would but with tolerant deserializers."""
     return grpc.method_handlers_generic_handler(
         SERVICE_NAME,
@@ -59,7 +59,9 @@ def rpc_handlers(servicer: "GenerationServicer") -> grpc.GenericRpcHandler:
                 servicer.Generate, _tolerant(pb.GenerateRequest), pb.GenerateResponse.SerializeToString
             ),
             "StreamGenerate": grpc.unary_stream_rpc_method_handler(
-                servicer.StreamGenerate, _tolerant(pb.StreamGenerateRequest), pb.StreamGenerateResponse.SerializeToString
+                servicer.StreamGenerate,
+                _tolerant(pb.StreamGenerateRequest),
+                pb.StreamGenerateResponse.SerializeToString,
             ),
             "ListModels": grpc.unary_unary_rpc_method_handler(
                 servicer.ListModels, _tolerant(pb.ListModelsRequest), pb.ListModelsResponse.SerializeToString

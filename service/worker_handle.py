@@ -11,11 +11,12 @@ and restarted with back-off like one that died.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import logging
 import multiprocessing
 import threading
-from typing import Callable
+from collections.abc import Callable
 
 from service.worker_inbox import InboxClosed, WorkerInbox
 from workers.messages import StopWorker, WorkerFailed, WorkerReady, WorkerSpec
@@ -37,8 +38,8 @@ class WorkerHandle:
         self,
         spec: WorkerSpec,
         loop: asyncio.AbstractEventLoop,
-        on_message: Callable[["WorkerHandle", object], None],
-        on_exit: Callable[["WorkerHandle"], None],
+        on_message: Callable[[WorkerHandle, object], None],
+        on_exit: Callable[[WorkerHandle], None],
         load_timeout_s: float = 600.0,
     ):
         self.spec = spec
@@ -47,7 +48,7 @@ class WorkerHandle:
         self._on_message = on_message
         self._on_exit = on_exit
         self.state = WorkerState.STOPPED
-        self.process = None
+        self.process: multiprocessing.process.BaseProcess | None = None
         self._exited = threading.Event()
         self.inbox: WorkerInbox | None = None
         self.ready: WorkerReady | None = None
@@ -99,16 +100,20 @@ class WorkerHandle:
             writer.close()
             inbox_reader.close()
         self.inbox = WorkerInbox(inbox_writer, name=f"inbox-{self.key}")
-        _LOGGER.info("started worker %s (pid %d, CUDA_VISIBLE_DEVICES=%r)", self.key, self.pid, self.spec.cuda_visible_devices)
+        _LOGGER.info(
+            "started worker %s (pid %d, CUDA_VISIBLE_DEVICES=%r)", self.key, self.pid, self.spec.cuda_visible_devices
+        )
         process = self.process
         threading.Thread(
             target=self._relay, args=(process, reader, generation, self._exited), daemon=True, name=f"relay-{self.key}"
         ).start()
-        threading.Thread(target=self._watch, args=(process, self._exited), daemon=True, name=f"watch-{self.key}").start()
+        threading.Thread(
+            target=self._watch, args=(process, self._exited), daemon=True, name=f"watch-{self.key}"
+        ).start()
         self._loop.call_later(self.load_timeout_s, self._if_current, generation, self._check_loaded)
 
     def _check_loaded(self) -> None:
-        if self.state is WorkerState.STARTING:
+        if self.state is WorkerState.STARTING and self.process is not None:
             self._failure = f"did not load its model within {self.load_timeout_s:g} s (load timeout)"
             _LOGGER.error("worker %s (pid %s) %s; killing it", self.key, self.pid, self._failure)
             self.process.kill()
@@ -135,10 +140,8 @@ class WorkerHandle:
         exited.set()
 
     def _post(self, generation: int, fn, *args) -> None:
-        try:
+        with contextlib.suppress(RuntimeError):  # the loop is closed: the server is gone
             self._loop.call_soon_threadsafe(self._if_current, generation, fn, *args)
-        except RuntimeError:  # the loop is closed: the server is gone
-            pass
 
     def _if_current(self, generation: int, fn, *args) -> None:
         if generation == self._generation:
@@ -182,10 +185,8 @@ class WorkerHandle:
         process, exited = self.process, self._exited
         if process is None or exited.is_set():
             return
-        try:
+        with contextlib.suppress(InboxClosed):
             self.send(StopWorker())
-        except InboxClosed:
-            pass
         if not exited.wait(timeout):
             _LOGGER.warning("worker %s did not stop in %.0f s; terminating", self.key, timeout)
             process.terminate()

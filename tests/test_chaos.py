@@ -46,37 +46,54 @@ def _around(value: float) -> list[float]:
     return [float(v), float(np.nextafter(v, _F32(-np.inf))), float(np.nextafter(v, _F32(np.inf)))]
 
 
-_FLOATS = st.one_of(
-    st.sampled_from([0.0, -0.0, -1.0, 0.5, 1.0, 2.0, math.nan, math.inf, -math.inf, 3.4e38, 1e-45]
-                    + _around(1e-4) + _around(100.0) + _around(1e-6) + _around(1.0) + _around(1e-3)),
-    st.floats(width=32, allow_nan=True, allow_infinity=True),
-)
-_COUNTS = st.one_of(st.integers(0, 8), st.sampled_from([16, 255, 256, 511, 512, 513, 2**31, 2**32 - 1]))
-_TEXT = st.one_of(st.text(max_size=40), st.sampled_from(["", " ", "\x00", "🙂" * 10, "word " * 3000, "x" * 20_000]))
+_BAD_FLOATS = [-1.0, math.nan, math.inf, -math.inf, 3.4e38, 1e-45]
+
+
+def _float_field(low: float, high: float, hostile: bool):
+    """0 (the default) or a value in range, each documented limit exactly; when hostile, also the float32 values
+    just beyond the limits and values that are no number at all."""
+    in_range = st.one_of(st.just(0.0), st.just(-0.0), st.floats(float(_F32(low)), float(_F32(high)), width=32),
+                         st.sampled_from([float(_F32(low)), float(_F32(high))]))
+    return st.one_of(in_range, st.sampled_from(_BAD_FLOATS + _around(low) + _around(high))) if hostile else in_range
+
+
+_SMALL_COUNTS = st.integers(0, 8)
+_COUNTS = st.one_of(_SMALL_COUNTS, st.sampled_from([16, 255, 256, 511, 512, 513, 2**31, 2**32 - 1]))
+_SHORT_TEXT = st.text(min_size=1, max_size=40)
+_TEXT = st.one_of(_SHORT_TEXT, st.sampled_from(["", " ", "\x00", "🙂" * 10, "word " * 3000, "x" * 20_000]))
 _STOP = st.one_of(st.text(max_size=8), st.sampled_from(["", "s" * 256, "s" * 257, "\n"]))
-_MODEL = st.sampled_from(["", "tiny", "nope", "m" * 5000, "\x00", "TINY", "tiny "])
+_MODEL = st.sampled_from(["nope", "m" * 5000, "\x00", "TINY", "tiny ", "", "tiny"])
 
 
 @st.composite
 def _requests(draw):
-    request = pb.GenerateRequest(model=draw(_MODEL))
-    kind = draw(st.sampled_from(["prompt", "chat", "none"]))
+    """Half the requests are well-formed (every value within its documented range, edges included), half
+    hostile (any field may be missing, out of range, oversized or not a number)."""
+    hostile = draw(st.booleans())
+    request = pb.GenerateRequest(model=draw(_MODEL if hostile else st.sampled_from(["", "tiny"])))
+    kind = draw(st.sampled_from(["prompt", "chat", "none"] if hostile else ["prompt", "chat"]))
+    text = _TEXT if hostile else _SHORT_TEXT
     if kind == "prompt":
-        request.prompt = draw(_TEXT)
+        request.prompt = draw(text)
     elif kind == "chat":
         request.chat.SetInParent()
-        for _ in range(draw(st.integers(0, 4))):
-            request.chat.messages.add(role=draw(st.integers(0, 5)), content=draw(_TEXT))
+        for _ in range(draw(st.integers(0 if hostile else 1, 4))):
+            role = draw(st.integers(0, 5) if hostile else st.integers(1, 3))
+            request.chat.messages.add(role=role, content=draw(text))
     s = request.sampling
     s.do_sample = draw(st.booleans())
-    s.temperature, s.top_p, s.repetition_penalty = draw(_FLOATS), draw(_FLOATS), draw(_FLOATS)
+    s.temperature = draw(_float_field(1e-4, 100.0, hostile))
+    s.top_p = draw(_float_field(1e-6, 1.0, hostile))
+    s.repetition_penalty = draw(_float_field(1e-3, 100.0, hostile))
     s.top_k = draw(st.one_of(st.integers(0, 100), st.just(2**32 - 1)))
     seed = draw(st.one_of(st.none(), st.integers(0, 2**64 - 1)))
     if seed is not None:
         s.seed = seed
     t = request.stopping
-    t.max_new_tokens, t.min_new_tokens = draw(_COUNTS), draw(_COUNTS)
-    t.stop_sequences.extend(draw(st.lists(_STOP, max_size=18)))
+    t.max_new_tokens = draw(_COUNTS if hostile else st.one_of(_SMALL_COUNTS, st.just(64)))
+    t.min_new_tokens = draw(_COUNTS if hostile else st.integers(0, t.max_new_tokens or 8))
+    stops = st.lists(_STOP, max_size=18) if hostile else st.lists(st.text(min_size=1, max_size=8), max_size=3)
+    t.stop_sequences.extend(draw(stops))
     t.ignore_eos = draw(st.booleans())
     return request
 
@@ -113,18 +130,17 @@ def test_fuzzed_requests_get_ok_or_a_precise_status(chaos_server, request):
     examples = request.config.getoption("--fuzz-examples")
     restarts_before = _restarts(chaos_server.target)
     log_start = len(chaos_server.log())
-    codes = []
+    codes, invalid_fields = [], []
     with grpc.insecure_channel(chaos_server.target) as channel:
         stub = pb_grpc.GenerationServiceStub(channel)
         raw = {m: channel.unary_unary(f"/modelpool.v1.GenerationService/{m}") for m in ("Generate", "ListModels")}
         raw_stream = channel.unary_stream("/modelpool.v1.GenerationService/StreamGenerate")
 
-        @settings(max_examples=examples, deadline=None, database=None,
-                  suppress_health_check=list(HealthCheck))
-        @given(st.one_of(
-            st.tuples(st.sampled_from(["Generate", "StreamGenerate"]), _requests()),
-            st.tuples(st.sampled_from(["raw Generate", "raw StreamGenerate", "raw ListModels"]), st.binary(max_size=64)),
-        ))
+        typed = st.tuples(st.sampled_from(["Generate", "StreamGenerate"]), _requests())
+        raw_bytes = st.tuples(st.sampled_from(["raw Generate", "raw StreamGenerate", "raw ListModels"]), st.binary(max_size=64))
+
+        @settings(max_examples=examples, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+        @given(st.one_of(typed, typed, typed, raw_bytes))
         def one(case):
             method, payload = case
             try:
@@ -142,13 +158,16 @@ def test_fuzzed_requests_get_ok_or_a_precise_status(chaos_server, request):
                 codes.append("OK")
             except grpc.RpcError as error:
                 codes.append(_check_outcome(error))
+                if error.code() == grpc.StatusCode.INVALID_ARGUMENT:
+                    invalid_fields.append(error.details().split(":")[0].split("[")[0])
 
         one()
         assert stub.Generate(build_request(prompt="after", max_new_tokens=3, ignore_eos=True), timeout=60).usage.completion_tokens == 3
     assert _restarts(chaos_server.target) == restarts_before
     log = chaos_server.log()[log_start:]
     assert "Traceback" not in log and " ERROR " not in log, log[-3000:]
-    figures.record("fuzz", sent=len(codes), by_status=figures.count_codes(codes), worker_restarts=0, hung=0)
+    figures.record("fuzz", sent=len(codes), by_status=figures.count_codes(codes), worker_restarts=0, hung=0,
+                   invalid_by_field=figures.count_codes(invalid_fields))
 
 
 # ------------------------------------------------------------------ head of line

@@ -321,3 +321,24 @@ async def test_slow_reader_gets_merged_events_and_holds_up_no_one():
     b_last = token(b.request_id, 10, LENGTH)
     step(d, w, b_last)
     assert await b.next_events() == [b_last] and d.in_flight == 0
+
+
+@in_loop
+async def test_model_gauges_forget_a_dead_worker():
+    dispatcher, (worker, other) = make(workers=2)
+    dispatcher._on_message(worker, StepOutput(worker_key=worker.key, events=[], running=3, waiting=2))
+    dispatcher._on_message(other, StepOutput(worker_key=other.key, events=[], running=1, waiting=0))
+    assert metrics.RUNNING.labels(MODEL)._value.get() == 4 and metrics.QUEUED.labels(MODEL)._value.get() == 2
+    worker.die("exit code -9")
+    dispatcher._on_exit(worker)
+    assert metrics.RUNNING.labels(MODEL)._value.get() == 1 and metrics.QUEUED.labels(MODEL)._value.get() == 0
+
+
+@in_loop
+async def test_a_ticket_admits_one_request():
+    dispatcher, _ = make()
+    ticket = dispatcher.admit(MODEL)
+    dispatcher.submit(ticket, args())
+    with pytest.raises(RuntimeError):
+        dispatcher.submit(ticket, args())
+    assert dispatcher.in_flight == 1

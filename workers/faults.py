@@ -29,7 +29,7 @@ class Faults:
     slow_step_ms: int = 0
 
     @classmethod
-    def for_model(cls, model_name: str, spec: str | None = None) -> "Faults":
+    def for_model(cls, model_name: str, spec: str | None = None) -> Faults:
         spec = os.environ.get(ENV, "") if spec is None else spec
         values: dict[str, object] = {}
         for entry in filter(None, (e.strip() for e in spec.split(","))):

@@ -72,9 +72,7 @@ def describe(model) -> tuple[tuple[str, ...], dict[str, int]]:
     devices = sorted({str(p.device) for p in model.parameters()})
     hf_map = getattr(model, "hf_device_map", None)
     if hf_map:
-        summary = Counter(
-            f"cuda:{d}" if isinstance(d, int) else str(d) for d in hf_map.values()
-        )
+        summary = Counter(f"cuda:{d}" if isinstance(d, int) else str(d) for d in hf_map.values())
     else:
         summary = Counter({devices[0]: 1}) if devices else Counter()
     return tuple(devices), dict(summary)

@@ -6,8 +6,8 @@ own random generator: a seeded request gives the same tokens alone or beside oth
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 
@@ -61,9 +61,7 @@ def _filter_top_k_top_p(row: torch.Tensor, top_k: int, top_p: float) -> torch.Te
     return row
 
 
-def sample_next_tokens(
-    logits: torch.Tensor, rows: Sequence[RowSampling], eos_token_ids: Sequence[int]
-) -> list[int]:
+def sample_next_tokens(logits: torch.Tensor, rows: Sequence[RowSampling], eos_token_ids: Sequence[int]) -> list[int]:
     """Pick one token per row of `logits` ([batch, vocab]); returns plain ints."""
     logits = logits.float()
     if eos_token_ids:

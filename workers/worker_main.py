@@ -68,7 +68,8 @@ def load_engine(spec: WorkerSpec):
     tokenizer = AutoTokenizer.from_pretrained(spec.model_path)
     model = AutoModelForCausalLM.from_pretrained(spec.model_path, **kwargs)
     if "device_map" not in kwargs and torch.cuda.is_available():
-        model.to("cuda:0")
+        # transformers wraps `to` in a decorator whose type mypy reads wrong
+        model.to(torch.device("cuda:0"))  # type: ignore[arg-type]
     model.eval()
     eos = model.generation_config.eos_token_id
     if eos is None:

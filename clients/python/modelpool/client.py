@@ -1,22 +1,22 @@
 """Thin sync and asyncio clients over the generated stubs; no torch needed.
 
-    from modelpool import Client
-    with Client("127.0.0.1:50051") as client:
-        print(client.chat([("user", "What is the capital of France?")]).text)
-        for piece in client.stream("Once upon a time", max_new_tokens=32):
-            print(piece.text_delta, end="", flush=True)
+from modelpool import Client
+with Client("127.0.0.1:50051") as client:
+    print(client.chat([("user", "What is the capital of France?")]).text)
+    for piece in client.stream("Once upon a time", max_new_tokens=32):
+        print(piece.text_delta, end="", flush=True)
 """
 
 from __future__ import annotations
 
-from typing import AsyncIterator, Iterable, Iterator, Mapping, Sequence, Union
+from collections.abc import AsyncIterator, Iterable, Iterator, Mapping, Sequence
 
 import grpc
 
 from modelpool.v1 import generation_pb2 as pb
 from modelpool.v1 import generation_pb2_grpc as pb_grpc
 
-Message = Union[Mapping[str, str], Sequence[str]]
+Message = Mapping[str, str] | Sequence[str]
 _ROLES = {"system": pb.ROLE_SYSTEM, "user": pb.ROLE_USER, "assistant": pb.ROLE_ASSISTANT}
 _SAMPLING = ("do_sample", "temperature", "top_p", "top_k", "repetition_penalty", "seed")
 _STOPPING = ("max_new_tokens", "min_new_tokens", "stop_sequences", "ignore_eos")
@@ -52,7 +52,7 @@ def build_request(
     if prompt is not None:
         request.prompt = prompt
     else:
-        request.chat.CopyFrom(_chat(messages))
+        request.chat.CopyFrom(_chat(messages or ()))
     sampling = {k: v for k, v in options.items() if k in _SAMPLING and v is not None}
     # A temperature above 0 asks for sampling; 0 keeps greedy decoding (the server reads 0 as "unset").
     if sampling.get("temperature", 0) > 0 and "do_sample" not in sampling:
@@ -102,7 +102,7 @@ class Client:
     def close(self) -> None:
         self._channel.close()
 
-    def __enter__(self) -> "Client":
+    def __enter__(self) -> Client:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -149,7 +149,7 @@ class AsyncClient:
     async def close(self) -> None:
         await self._channel.close()
 
-    async def __aenter__(self) -> "AsyncClient":
+    async def __aenter__(self) -> AsyncClient:
         return self
 
     async def __aexit__(self, *exc) -> None:

@@ -62,8 +62,11 @@ def main(argv: list[str] | None = None) -> int:
     for i, ids in enumerate(prompts):
         engine.add(GenerateCall(i, tuple(ids), SamplingParams(), StoppingParams(max_new_tokens=n, min_new_tokens=n),
                                 time.time()))
-    tokens = 0
+    tokens, steps = 0, 0
     while engine.has_work:
+        steps += 1
+        if steps > 2 * c * (n + 2) + 100:  # far more than C requests of N tokens need: a stuck engine
+            raise RuntimeError(f"engine still busy after {steps - 1} steps")
         tokens += sum(len(e.token_ids) for e in engine.step()[1])
     results["modelpool Engine (padded KV batch, filter/concatenate)"] = tokens / (time.perf_counter() - started)
 

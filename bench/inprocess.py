@@ -121,11 +121,16 @@ def static_batch(
 # ---------------------------------------------------------------- engine
 
 
+def _step_limit(concurrency: int, max_new_tokens: int) -> int:
+    """Far more steps than C requests of N tokens need (one prefill and N decodes each, even one at a time)."""
+    return 2 * concurrency * (max_new_tokens + 2) + 100
+
+
 def _engine_round(engine, concurrency: int, max_new_tokens: int, first_id: int) -> tuple[int, float]:
     """Add `concurrency` requests at once and step until all are done; returns (tokens, seconds)."""
     from workers.messages import FinishReason, GenerateCall, SamplingParams, StoppingParams
 
-    stopping = StoppingParams(max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens)
+    stopping = StoppingParams(max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens, ignore_eos=True)
     started = time.perf_counter()
     for i in range(concurrency):
         call = GenerateCall(
@@ -139,7 +144,11 @@ def _engine_round(engine, concurrency: int, max_new_tokens: int, first_id: int) 
         if error is not None:
             raise RuntimeError(f"engine refused request {i}: {error.error}")
     tokens = 0
+    steps, max_steps = 0, _step_limit(concurrency, max_new_tokens)
     while engine.has_work:
+        steps += 1
+        if steps > max_steps:
+            raise RuntimeError(f"engine still busy after {max_steps} steps ({concurrency} x {max_new_tokens} tokens)")
         _, events = engine.step()
         for event in events:
             if event.finish_reason is FinishReason.ERROR:

@@ -225,7 +225,12 @@ def load_model(model_path: str, threads: int):
     return model, tokenizer
 
 
+_LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "[::1]")
+
+
 def serve(model_path: str, host: str, port: int, threads: int, max_concurrency: int) -> None:
+    if host not in _LOOPBACK_HOSTS:
+        raise ValueError(f"the naive server listens on loopback only, not {host!r}")
     model, tokenizer = load_model(model_path, threads)
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_concurrency, thread_name_prefix="naive-rpc"))
     pb_grpc.add_GenerationServiceServicer_to_server(NaiveServicer(model, tokenizer), server)
@@ -252,7 +257,7 @@ def serve(model_path: str, host: str, port: int, threads: int, max_concurrency: 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="Naive reference server: model.generate per request.")
     parser.add_argument("--model", default="builtin", help="builtin, tiny (the test model) or a local folder")
-    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--host", default="127.0.0.1", choices=_LOOPBACK_HOSTS, help="loopback only")
     parser.add_argument("--port", type=int, default=50061)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch CPU threads")
     parser.add_argument("--max-concurrency", type=int, default=128, help="RPC threads")

@@ -16,6 +16,12 @@ bench/inprocess.py holds the in-process references. Two parts:
   the worker and the in-process engine alike. Target: served tok/s >= 70% of
   in-process tok/s.
 
+Every load row counts only good requests (gRPC OK and exactly N tokens, with
+ignore_eos) in its tok/s and latencies, and shows beside it how many requests
+failed (by status) and how many came back with the wrong length; the
+in-process references stop with an error on a wrong length. The tables are
+printed as Markdown, ready to paste into bench/RESULTS.md.
+
 Only one thing computes at a time: a server is stopped (SIGTERM, then its whole
 process group is checked gone) before the next one starts, and the in-process
 references run in a subprocess while no server is up or while the only server
@@ -48,7 +54,7 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from bench.load import LoadReport, run_load, warm_up
+from bench.load import LoadReport, describe_failed, run_load, warm_up
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -61,6 +67,13 @@ TARGET_VS_NAIVE = 5.0
 TARGET_VS_STATIC = 0.9
 TARGET_TTFT_RATIO = 1.15
 TARGET_SERVED_VS_ENGINE = 0.7
+
+# Printed beside every modelpool / naive ratio (issue 12).
+NAIVE_RATIO_NOTE = (
+    "The naive server's throughput falls as concurrency rises (every request runs its own generate at once, "
+    "each with all torch threads, so they fight over the cores), so the ratio against naive flatters modelpool; "
+    "the ratios against the static batch and the in-process engine are the honest ones."
+)
 
 PROFILES = {
     "default": {
@@ -296,7 +309,11 @@ def run_builtin_part(args: argparse.Namespace) -> dict:
         args.run_timeout * len(plan.concurrency),
     )  # fmt: skip
     for row in static["results"]:
-        print(f"  {'static':<10} C={row['concurrency']} {row['tokens_per_s']:.1f} tok/s", flush=True)
+        print(
+            f"  {'static':<10} C={row['concurrency']} {row['tokens_per_s']:.1f} tok/s "
+            "(in-process: no failures possible; a wrong length stops the run)",
+            flush=True,
+        )
     port = free_port()
     command = naive_command(model_arg, port, args.threads)
     naive = ServerProcess("naive", command, port, args.out_dir / "naive-builtin.log")
@@ -344,7 +361,11 @@ def run_tiny_part(args: argparse.Namespace, threads: int) -> dict:
         for repeat in range(args.tiny_repeats):
             if repeat:
                 engines.append(run_inprocess(engine_args, args.out_dir, f"engine-tiny-{repeat}", args.run_timeout))
-            print(f"  {'engine':<10} C={concurrency} {engines[-1]['tokens_per_s']:.1f} tok/s (in-process)", flush=True)
+            print(
+                f"  {'engine':<10} C={concurrency} {engines[-1]['tokens_per_s']:.1f} tok/s "
+                "(in-process: no failures possible; a wrong length stops the run)",
+                flush=True,
+            )
             served.append(asyncio.run(_load_all("modelpool", server.target, plan))[0].to_dict())
     return {
         "threads": threads,
@@ -352,7 +373,19 @@ def run_tiny_part(args: argparse.Namespace, threads: int) -> dict:
         "modelpool": _median_run(served),
         "engine_runs": [run["tokens_per_s"] for run in engines],
         "modelpool_runs": [run["tokens_per_s"] for run in served],
+        # Failed and wrong-length requests over all served runs, not only the median one.
+        "modelpool_failed": sum(run["failed"] for run in served),
+        "modelpool_failed_by_status": _sum_counts(run.get("failed_by_status", {}) for run in served),
+        "modelpool_wrong_length": sum(run["wrong_length"] for run in served),
     }
+
+
+def _sum_counts(counts) -> dict[str, int]:
+    total: dict[str, int] = {}
+    for count in counts:
+        for name, value in count.items():
+            total[name] = total.get(name, 0) + value
+    return dict(sorted(total.items()))
 
 
 # ---------------------------------------------------------------- comparison and report
@@ -364,6 +397,7 @@ class Target:
     value: float | None
     limit: float
     at_least: bool  # True: value >= limit passes; False: value <= limit passes
+    note: str = ""  # printed after the line
 
     @property
     def status(self) -> str:
@@ -374,7 +408,8 @@ class Target:
 
     def line(self) -> str:
         value = "-" if self.value is None else f"{self.value:.2f}"
-        return f"  {self.status:<4}  {self.name}: {value} (target {'>=' if self.at_least else '<='} {self.limit:g})"
+        line = f"  {self.status:<4}  {self.name}: {value} (target {'>=' if self.at_least else '<='} {self.limit:g})"
+        return line + (f"  [{self.note}]" if self.note else "")
 
 
 def _ratio(a: float | None, b: float | None) -> float | None:
@@ -385,30 +420,44 @@ def _by_concurrency(rows: list[dict]) -> dict[int, dict]:
     return {row["concurrency"]: row for row in rows}
 
 
+def _bad_requests(*rows: dict | None) -> int:
+    """Failed plus wrong-length requests of load rows (in-process rows have neither)."""
+    return sum(row.get("failed", 0) + row.get("wrong_length", 0) for row in rows if row)
+
+
+def _bad_note(*rows: dict | None) -> str:
+    bad = _bad_requests(*rows)
+    return f"{bad} failed or wrong-length requests in the rows compared" if bad else ""
+
+
 def compute_targets(builtin: dict | None, tiny: dict | None) -> list[Target]:
     targets = []
     if builtin:
         mp, naive = _by_concurrency(builtin["modelpool"]), _by_concurrency(builtin["naive"])
         static = _by_concurrency(builtin["static"])
         high, low = max(mp), min(mp)
+        naive_note = "flatters: naive's tok/s falls as C rises; the static and engine ratios are the honest ones"
         targets += [
             Target(
                 f"modelpool / naive tok/s at C={high}",
                 _ratio(mp[high]["tokens_per_s"], naive.get(high, {}).get("tokens_per_s")),
                 TARGET_VS_NAIVE,
                 True,
+                "; ".join(filter(None, [naive_note, _bad_note(mp[high], naive.get(high))])),
             ),
             Target(
                 f"modelpool / static batch tok/s at C={high}",
                 _ratio(mp[high]["tokens_per_s"], static.get(high, {}).get("tokens_per_s")),
                 TARGET_VS_STATIC,
                 True,
+                _bad_note(mp[high]),
             ),
             Target(
                 f"TTFT p50 modelpool / naive at C={low}",
                 _ratio(mp[low]["ttft_s"]["p50"], naive.get(low, {}).get("ttft_s", {}).get("p50")),
                 TARGET_TTFT_RATIO,
                 False,
+                _bad_note(mp[low], naive.get(low)),
             ),
         ]
     for part in tiny or []:
@@ -419,20 +468,44 @@ def compute_targets(builtin: dict | None, tiny: dict | None) -> list[Target]:
                 _ratio(part["modelpool"]["tokens_per_s"], part["engine"]["tokens_per_s"]),
                 TARGET_SERVED_VS_ENGINE,
                 True,
+                _bad_note(
+                    {"failed": part.get("modelpool_failed", 0), "wrong_length": part.get("modelpool_wrong_length", 0)}
+                ),
             )
         )
     return targets
 
 
-def render_table(headers: list[str], rows: list[list[str]]) -> str:
-    widths = [max(len(str(cell)) for cell in column) for column in zip(headers, *rows, strict=True)]
-    lines = [" | ".join(h.rjust(w) for h, w in zip(headers, widths, strict=True)), "-+-".join("-" * w for w in widths)]
-    lines += [" | ".join(str(cell).rjust(w) for cell, w in zip(row, widths, strict=True)) for row in rows]
-    return "\n".join(lines)
+def render_table(headers: list[str], rows: list[list], align: str = "") -> str:
+    """A Markdown pipe table, padded so that it also reads in a terminal. `align`: one l or r per column (default r)."""
+    align = align or "r" * len(headers)
+    cells = [[str(h) for h in headers], *[[str(cell) for cell in row] for row in rows]]
+    widths = [max(3, *(len(cell) for cell in column)) for column in zip(*cells, strict=True)]
+
+    def line(row: list[str]) -> str:
+        padded = [c.ljust(w) if a == "l" else c.rjust(w) for c, w, a in zip(row, widths, align, strict=True)]
+        return "| " + " | ".join(padded) + " |"
+
+    rule = "|" + "|".join(
+        ("-" * (w + 2)) if a == "l" else ("-" * (w + 1) + ":") for w, a in zip(widths, align, strict=True)
+    )
+    return "\n".join([line(cells[0]), rule + "|", *(line(row) for row in cells[1:])])
 
 
 def _num(value: float | None, fmt: str = "{:.1f}", scale: float = 1.0) -> str:
     return "-" if value is None else fmt.format(value * scale)
+
+
+def _failed(row: dict | None) -> str:
+    """Failed requests of a load row, by status; `-` when there is no row."""
+    if row is None:
+        return "-"
+    text = describe_failed(row["failed"], row.get("failed_by_status"))
+    return text + (" (timed out)" if row.get("timed_out") else "")
+
+
+def _wrong(row: dict | None) -> str:
+    return "-" if row is None else str(row["wrong_length"])
 
 
 def throughput_table(builtin: dict) -> str:
@@ -441,20 +514,37 @@ def throughput_table(builtin: dict) -> str:
     rows = []
     for c in sorted(mp):
         mp_rate = mp[c]["tokens_per_s"]
-        naive_rate = naive.get(c, {}).get("tokens_per_s")
+        naive_row = naive.get(c)
+        naive_rate = None if naive_row is None else naive_row["tokens_per_s"]
         static_rate = static.get(c, {}).get("tokens_per_s")
         rows.append(
             [
                 c,
                 mp[c]["requests"],
                 _num(mp_rate),
+                _failed(mp[c]),
+                _wrong(mp[c]),
                 _num(naive_rate),
+                _failed(naive_row),
+                _wrong(naive_row),
                 _num(static_rate),
-                _num(_ratio(mp_rate, naive_rate), "{:.2f}x"),
-                _num(_ratio(mp_rate, static_rate), "{:.2f}x"),
+                _num(_ratio(mp_rate, naive_rate), "{:.2f}\u00d7"),
+                _num(_ratio(mp_rate, static_rate), "{:.2f}\u00d7"),
             ]
         )
-    headers = ["C", "requests", "modelpool tok/s", "naive tok/s", "static tok/s", "modelpool/naive", "modelpool/static"]
+    headers = [
+        "C",
+        "requests",
+        "modelpool tok/s",
+        "modelpool failed",
+        "modelpool wrong length",
+        "naive tok/s",
+        "naive failed",
+        "naive wrong length",
+        "static tok/s",
+        "modelpool / naive (flatters)",
+        "modelpool / static",
+    ]
     return render_table(headers, rows)
 
 
@@ -477,38 +567,70 @@ def latency_table(servers: dict[str, list[dict]]) -> str:
                     _num(itl["p95"], "{:.0f}", 1000),
                     _num(e2e["p50"], "{:.2f}"),
                     _num(e2e["p95"], "{:.2f}"),
-                    f"{row['failed']}" + (" (timed out)" if row["timed_out"] else ""),
+                    f"{row.get('good', row['completed'])}/{row['requests']}",
+                    _failed(row),
+                    _wrong(row),
                 ]
             )
-    headers = ["C", "server", "TTFT p50 ms", "TTFT p95 ms", "ITL p50 ms", "ITL p95 ms", "E2E p50 s", "E2E p95 s"]
-    headers.append("failed")
-    return render_table(headers, rows)
-
-
-def tiny_table(tiny: dict) -> str:
-    engine, served = tiny["engine"], tiny["modelpool"]
-    rows = [
-        ["in-process Engine", engine["concurrency"], engine["tokens"], _num(engine["tokens_per_s"]), "1.00x", "-"],
-        [
-            "modelpool (gRPC + queue)",
-            served["concurrency"],
-            served["tokens"],
-            _num(served["tokens_per_s"]),
-            _num(_ratio(served["tokens_per_s"], engine["tokens_per_s"]), "{:.2f}x"),
-            _num(_ratio(served["client_cpu_s"], served["wall_s"]), "{:.0%}"),
-        ],
+    headers = [
+        "C",
+        "server",
+        "TTFT p50 ms",
+        "TTFT p95 ms",
+        "ITL p50 ms",
+        "ITL p95 ms",
+        "E2E p50 s",
+        "E2E p95 s",
+        "good",
+        "failed",
+        "wrong length",
     ]
-    headers = ["tiny model", "C", "tokens", "tok/s", "vs in-process", "load generator CPU"]
-    runs = ""
-    if "engine_runs" in tiny:
-        runs = "\n(medians of alternating runs: in-process {}, served {} tok/s)".format(
-            ", ".join(f"{v:.0f}" for v in tiny["engine_runs"]), ", ".join(f"{v:.0f}" for v in tiny["modelpool_runs"])
+    return render_table(headers, rows, align="rl" + "r" * (len(headers) - 2))
+
+
+def tiny_table(parts: list[dict]) -> str:
+    """One row per torch-thread setting, in bench/RESULTS.md's shape; failures count over all served runs."""
+    rows = []
+    for part in parts:
+        engine, served = part["engine"], part["modelpool"]
+        engine_runs, served_runs = part.get("engine_runs", []), part.get("modelpool_runs", [])
+        rows.append(
+            [
+                part["threads"],
+                _num(engine["tokens_per_s"], "{:.0f}")
+                + (f" (runs {', '.join(f'{v:.0f}' for v in engine_runs)})" if engine_runs else ""),
+                _num(served["tokens_per_s"], "{:.0f}")
+                + (f" (runs {', '.join(f'{v:.0f}' for v in served_runs)})" if served_runs else ""),
+                _num(_ratio(served["tokens_per_s"], engine["tokens_per_s"]), "{:.2f}\u00d7"),
+                _num(_ratio(served["client_cpu_s"], served["wall_s"]), "{:.0%} of a core"),
+                describe_failed(part.get("modelpool_failed", served["failed"]), part.get("modelpool_failed_by_status")),
+                part.get("modelpool_wrong_length", served["wrong_length"]),
+            ]
         )
+    headers = [
+        "torch threads (worker = in-process)",
+        "in-process Engine tok/s",
+        "modelpool tok/s",
+        "served / in-process",
+        "load generator CPU",
+        "modelpool failed",
+        "modelpool wrong length",
+    ]
     return (
         render_table(headers, rows)
-        + "\n(load generator CPU: CPU time of the client / wall time, on the same cores)"
-        + runs
+        + "\n\n(medians of alternating runs; load generator CPU: CPU time of the client / wall time, on the same"
+        + " cores; failed and wrong length: over all served runs; the in-process engine stops on a wrong length)"
     )
+
+
+def targets_table(targets: list[dict]) -> str:
+    lines = ["| target | result | |", "|---|--:|---|"]
+    for target in targets:
+        value = "-" if target["value"] is None else f"{target['value']:.2f}"
+        limit = f"{'≥' if target['at_least'] else '≤'} {target['limit']:g}"
+        note = f" ({target['note']})" if target.get("note") else ""
+        lines.append(f"| {target['name']} {limit}{note} | {value} | {target['status']} |")
+    return "\n".join(lines)
 
 
 def machine_info(threads: int) -> dict:
@@ -531,6 +653,7 @@ def machine_info(threads: int) -> dict:
 
 
 def print_report(result: dict) -> None:
+    """The tables as Markdown, in bench/RESULTS.md's order, ready to paste."""
     info = result["machine"]
     print(
         f"\n==== modelpool benchmark ({info['cpu_count']} CPUs, torch {info['torch']}, "
@@ -539,19 +662,23 @@ def print_report(result: dict) -> None:
     builtin, tiny = result.get("builtin"), result.get("tiny")
     if builtin:
         n = builtin["modelpool"][0]["max_new_tokens"]
-        print(f"\nThroughput, {builtin['model']} model, {n} tokens per request (aggregate generated tok/s):")
-        print(throughput_table(builtin))
-        print("\nLatency, client-side (ITL: per token):")
-        print(latency_table({"modelpool": builtin["modelpool"], "naive": builtin["naive"]}))
-    for part in tiny or []:
         print(
-            f"\nServing overhead, tiny model, {part['modelpool']['max_new_tokens']} tokens per request, "
-            f"{part['threads']} torch threads (worker and in-process alike):"
+            f"\nThroughput, {builtin['model']} model, N = {n} tokens per request (tok/s: tokens of good requests, "
+            "OK and exactly N tokens, / wall time; failed by status, wrong length: requests that count nowhere):\n"
         )
-        print(tiny_table(part))
-    print("\nTargets:")
-    for target in result["targets"]:
-        print(target.line() if isinstance(target, Target) else target["line"])
+        print(throughput_table(builtin))
+        print(f"\n{NAIVE_RATIO_NOTE}")
+        print("\nLatency, client-side, good requests only (ITL: per token):\n")
+        print(latency_table({"modelpool": builtin["modelpool"], "naive": builtin["naive"]}))
+    if tiny:
+        served = tiny[0]["modelpool"]
+        print(
+            f"\nServing overhead, tiny model, C = {served['concurrency']}, N = {served['max_new_tokens']} "
+            "(torch threads: worker and in-process alike):\n"
+        )
+        print(tiny_table(tiny))
+    print("\nTargets:\n")
+    print(targets_table(result["targets"]))
 
 
 # ---------------------------------------------------------------- CLI
@@ -615,7 +742,7 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
         if getattr(args, key, None) is None:
             setattr(args, key, value)
     if isinstance(args.requests, int):
-        args.requests = {c: args.requests for c in args.concurrency}
+        args.requests = dict.fromkeys(args.concurrency, args.requests)
     if args.tiny_requests is None:
         args.tiny_requests = args.engine_rounds * args.tiny_concurrency
     args.out_dir.mkdir(parents=True, exist_ok=True)

@@ -23,9 +23,11 @@ def free_port() -> int:
 
 
 class ServerProcess:
-    def __init__(self, args: list[str], log_path: Path, env: dict[str, str] | None = None):
+    def __init__(
+        self, args: list[str], log_path: Path, env: dict[str, str] | None = None, metrics_port: int | None = None
+    ):
         self.port = free_port()
-        self.metrics_port = free_port()
+        self.metrics_port = free_port() if metrics_port is None else metrics_port
         self.target = f"127.0.0.1:{self.port}"
         self.metrics_url = f"http://127.0.0.1:{self.metrics_port}/metrics"
         self.log_path = log_path

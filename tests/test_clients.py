@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import subprocess
 import sys
 
@@ -51,10 +52,42 @@ def test_cli_generate_streams_text(server):
     assert result.stdout.strip()
 
 
-def test_cli_chat_session_answers_each_turn(server):
-    result = cli("chat", "--target", server.target, "--max-new-tokens", "4", stdin="first\nsecond\n/quit\n")
+def usage_lines(stderr: str) -> list[dict[str, str]]:
+    """The `--usage` lines the CLI prints after each reply, as dicts."""
+    return [dict(field.split("=", 1) for field in m.split()) for m in re.findall(r"^\[(.*)\]$", stderr, re.M)]
+
+
+def test_cli_chat_sends_the_history_and_reset_forgets_it(server):
+    stdin = "same words\nsecond turn\n/reset\nsame words\n/quit\n"
+    result = cli("chat", "--target", server.target, "--max-new-tokens", "4", "--usage", stdin=stdin)
     assert result.returncode == 0, result.stderr
-    assert result.stdout.count("> ") >= 2
+    first, second, after_reset = usage_lines(result.stderr)
+    prompt = [int(u["prompt_tokens"]) for u in (first, second, after_reset)]
+    # The second turn's prompt holds the first turn, its 4-token answer and the new message ...
+    assert prompt[1] > prompt[0] + int(first["completion_tokens"]) + 2, prompt
+    # ... and after /reset the same words make the same prompt as the first turn.
+    assert prompt[2] == prompt[0], prompt
+    assert result.stdout.count("> ") == 5
+
+
+def test_cli_generate_raw_system_and_stop(server, tiny_dir):
+    target = ["--target", server.target, "--max-new-tokens", "24", "--usage"]
+    templated = cli("generate", "Stop test:", *target)
+    raw = cli("generate", "Stop test:", "--raw", *target)
+    system = cli("generate", "Stop test:", "--system", "Answer in French. " * 20, *target)
+    for result in (templated, raw, system):
+        assert result.returncode == 0, result.stderr
+    tokens = {name: int(usage_lines(r.stderr)[0]["prompt_tokens"]) for name, r in
+              (("templated", templated), ("raw", raw), ("system", system))}
+    # The raw prompt skips the chat template; a long system message replaces the template's short default one.
+    assert tokens["raw"] < tokens["templated"] < tokens["system"], tokens
+    text = raw.stdout.rstrip("\n")
+    start = next(i for i in range(len(text) // 3, len(text) - 3) if text[i : i + 3].strip() == text[i : i + 3])
+    stop = text[start : start + 3]
+    stopped = cli("generate", "Stop test:", "--raw", "--stop", stop, *target)
+    assert stopped.returncode == 0, stopped.stderr
+    assert stopped.stdout.rstrip("\n") == text[: text.index(stop)]
+    assert usage_lines(stopped.stderr)[0]["finish"] == "stop_sequence"
 
 
 def test_cli_models_and_errors(server):

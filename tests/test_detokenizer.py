@@ -39,10 +39,17 @@ def test_stop_sequence_is_cut_and_not_returned(tokenizer):
     assert stopped and "".join(deltas) == "Hello world. "
 
 
-def test_text_that_may_start_a_stop_is_held_back(tokenizer):
-    # "ST" could begin "STOP": it must not be released before the detokenizer knows.
-    deltas, stopped = feed(tokenizer, "a STAR is born", stops=["STOP"])
-    assert not stopped and "".join(deltas) == "a STAR is born"
+def test_text_that_may_start_a_stop_is_held_back_until_the_next_token_decides(tokenizer):
+    # "cats| and| dogs": the token " and" is the start of the stop sequence " and then", so it must not be
+    # released with its own token; " dogs" shows it is not the stop, and releases both.
+    deltas, stopped = feed(tokenizer, "cats and dogs", stops=[" and then"])
+    assert not stopped
+    assert deltas == ["cats", "", " and dogs", ""]
+
+
+def test_held_back_prefix_that_becomes_the_stop_is_never_released(tokenizer):
+    deltas, stopped = feed(tokenizer, "cats and then dogs", stops=[" and then"])
+    assert stopped and deltas == ["cats", "", ""]
 
 
 def test_earliest_of_several_stops_wins(tokenizer):

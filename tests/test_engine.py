@@ -196,3 +196,27 @@ def test_out_of_memory_in_a_decode_fails_the_batch_and_the_worker_goes_on(engine
         assert len(after[310][0]) == 10
     finally:
         engine.model = real_model
+
+
+def _reference(engine, prompt: str, max_new: int) -> list[int]:
+    """transformers' own greedy generate, one prompt alone, end of sequence suppressed like ignore_eos."""
+    import torch
+
+    ids = torch.tensor([engine.tokenizer(prompt)["input_ids"]])
+    out = engine.model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=max_new,
+                                min_new_tokens=max_new, pad_token_id=engine.pad_token_id)
+    return out[0, ids.shape[1]:].tolist()
+
+
+def test_greedy_tokens_equal_transformers_generate_alone_and_batched(engine):
+    """The engine's cache, positions and padding against a reference: a wrong position or a stale cache row changes
+    the tokens of a fast test, not only of the slow built-in ones."""
+    lengths = [30, 7, 22, 15, 40]
+    reference = {i: _reference(engine, p, n) for i, (p, n) in enumerate(zip(PROMPTS, lengths, strict=True))}
+    alone = {}
+    for i, (p, n) in enumerate(zip(PROMPTS, lengths, strict=True)):
+        alone.update(run_all(engine, [make_call(i, engine, p, max_new=n)]))
+    staggered = run_all(engine, [(2 * i, make_call(i, engine, p, max_new=n))
+                                 for i, (p, n) in enumerate(zip(PROMPTS, lengths, strict=True))])
+    assert {i: tokens for i, (tokens, _) in alone.items()} == reference
+    assert {i: tokens for i, (tokens, _) in staggered.items()} == reference

@@ -10,7 +10,7 @@ import pytest
 from modelpool import Client, build_request
 from modelpool.v1 import generation_pb2 as pb
 from modelpool.v1 import generation_pb2_grpc as pb_grpc
-from tests.helpers import load, wait_idle, wait_until
+from tests.helpers import load, metric, wait_idle, wait_until
 
 
 @pytest.fixture
@@ -61,7 +61,8 @@ def test_chat_without_template_is_invalid_argument(stub):
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert error.details().startswith("chat:") and "chat template" in error.details()
     # A raw prompt to the same model works.
-    assert stub.Generate(build_request(prompt="hi", model="nochat", max_new_tokens=3), timeout=60).text is not None
+    reply = stub.Generate(build_request(prompt="hi", model="nochat", max_new_tokens=3, ignore_eos=True), timeout=60)
+    assert reply.usage.completion_tokens == 3 and reply.usage.prompt_tokens >= 1
 
 
 def test_unknown_model_is_not_found(stub):
@@ -89,15 +90,20 @@ def test_full_queue_is_resource_exhausted_and_accepted_requests_finish(server):
         assert stub.Generate(build_request(prompt="x", model="limited", max_new_tokens=2), timeout=60).usage.completion_tokens == 2
 
 
-def test_cancelled_stream_frees_its_slot(client):
-    # `limited` has a single slot: if cancellation did not free it, the next request would wait forever.
-    stream = client.stream(prompt="go", model="limited", max_new_tokens=500, ignore_eos=True)
-    assert next(stream).token_ids
-    assert next(stream).token_ids
-    stream.close()  # cancels the RPC
-    wait_idle(client, "limited")
-    reply = client.generate("x", model="limited", max_new_tokens=3, ignore_eos=True)
+def test_cancelled_stream_is_dropped_by_its_worker(chaos_server):
+    """A `slow` step takes 10 ms more: this request needs 400 decode steps. Its worker's step count shows that it
+    dropped the sequence soon after the cancel instead of generating the rest for no one."""
+    steps_before = metric(chaos_server, "modelpool_step_seconds_count", model="slow", kind="decode")
+    with Client(chaos_server.target, timeout=120) as client:
+        stream = client.stream(prompt="go", model="slow", max_new_tokens=400, ignore_eos=True)
+        assert next(stream).token_ids
+        assert next(stream).token_ids
+        stream.close()  # cancels the RPC
+        wait_idle(client, "slow")
+        reply = client.generate("x", model="slow", max_new_tokens=3, ignore_eos=True)
     assert reply.usage.completion_tokens == 3
+    steps = metric(chaos_server, "modelpool_step_seconds_count", model="slow", kind="decode") - steps_before
+    assert steps < 100, steps  # 2 to reach the cancel, a few while the abort travels, 2 for the last request
 
 
 def test_deadline_frees_the_slot(client):
@@ -132,6 +138,7 @@ def test_worker_death_fails_in_flight_with_unavailable_then_restarts(server, cli
         watch = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(service=""), timeout=180)
         assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
         fragile = next(m for m in client.models() if m.name == "fragile").workers[0]
+        restarts_metric = metric(server, "modelpool_worker_restarts_total", model="fragile", worker="fragile/0")
         stream = client.stream(prompt="go", model="fragile", max_new_tokens=500, ignore_eos=True)
         assert next(stream).token_ids
         os.kill(fragile.pid, signal.SIGKILL)
@@ -150,4 +157,6 @@ def test_worker_death_fails_in_flight_with_unavailable_then_restarts(server, cli
     worker = next(m for m in client.models() if m.name == "fragile").workers[0]
     assert worker.state == pb.WORKER_STATE_READY and worker.restarts == 1 and worker.pid != fragile.pid
     assert "exited" in worker.last_error
+    assert metric(server, "modelpool_worker_restarts_total", model="fragile", worker="fragile/0") == restarts_metric + 1
+    assert metric(server, "modelpool_worker_up", model="fragile", worker="fragile/0") == 1
     assert client.generate("x", model="fragile", max_new_tokens=3, ignore_eos=True).usage.completion_tokens == 3

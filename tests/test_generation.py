@@ -15,13 +15,23 @@ def stream_pieces(client, **kwargs) -> list[pb.StreamGenerateResponse]:
     return list(client.stream(**kwargs))
 
 
-def test_unary_raw_prompt(client):
+@pytest.fixture(scope="module")
+def tokenizer(tiny_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_dir)
+
+
+def test_unary_raw_prompt(client, tokenizer):
     reply = client.generate("The quick brown fox", max_new_tokens=12, ignore_eos=True)
     assert reply.finish_reason == pb.FINISH_REASON_LENGTH
     assert reply.usage.completion_tokens == 12
     assert len(reply.token_ids) == 12
-    assert reply.usage.prompt_tokens > 0
-    assert reply.text
+    assert reply.usage.prompt_tokens == len(tokenizer("The quick brown fox")["input_ids"])
+    # The text is exactly what the token ids decode to, after the prompt.
+    prompt_ids = tokenizer("The quick brown fox")["input_ids"]
+    full = tokenizer.decode(prompt_ids + list(reply.token_ids), skip_special_tokens=True)
+    assert full == tokenizer.decode(prompt_ids, skip_special_tokens=True) + reply.text
     assert reply.model == "tiny"
     assert reply.timings.total_seconds >= reply.timings.time_to_first_token_seconds > 0
 
@@ -47,7 +57,7 @@ def test_chat_uses_the_chat_template(client):
     assert chat.usage.prompt_tokens > raw.usage.prompt_tokens + 3
 
 
-def test_stop_sequence_is_cut_exactly(client):
+def test_stop_sequence_is_cut_exactly(client, tokenizer):
     base = client.generate("Stop test:", max_new_tokens=40, ignore_eos=True)
     text = base.text
     # A stop sequence taken from the middle of what the model writes anyway.
@@ -57,6 +67,10 @@ def test_stop_sequence_is_cut_exactly(client):
     unary = client.generate("Stop test:", max_new_tokens=40, ignore_eos=True, stop_sequences=[stop])
     assert unary.finish_reason == pb.FINISH_REASON_STOP_SEQUENCE
     assert unary.text == expected
+    # token_ids keep the tokens that made the stop sequence: they are the unstopped run's first tokens.
+    n = unary.usage.completion_tokens
+    assert list(unary.token_ids) == list(base.token_ids[:n]) and len(unary.token_ids) == n
+    assert stop in tokenizer.decode(list(unary.token_ids), skip_special_tokens=True)
     pieces = stream_pieces(client, prompt="Stop test:", max_new_tokens=40, ignore_eos=True, stop_sequences=[stop])
     assert "".join(p.text_delta for p in pieces) == expected
     assert pieces[-1].finish_reason == pb.FINISH_REASON_STOP_SEQUENCE
@@ -72,11 +86,71 @@ def test_seed_reproducibility(client):
     assert list(first.token_ids) != list(other.token_ids)
 
 
-def test_min_new_tokens_and_greedy_is_deterministic(client):
-    a = client.generate("Count:", max_new_tokens=10, min_new_tokens=10)
-    b = client.generate("Count:", max_new_tokens=10, min_new_tokens=10)
+def test_greedy_is_deterministic(client):
+    a = client.generate("Count:", max_new_tokens=10, ignore_eos=True)
+    b = client.generate("Count:", max_new_tokens=10, ignore_eos=True)
     assert a.usage.completion_tokens == 10
     assert list(a.token_ids) == list(b.token_ids)
+
+
+PARIS = [("user", "What is the capital of France?")]
+
+
+@pytest.mark.builtin
+def test_min_new_tokens_keeps_the_end_of_sequence_away(client):
+    free = client.chat(PARIS, model="builtin", max_new_tokens=40)
+    assert free.finish_reason == pb.FINISH_REASON_END_OF_SEQUENCE and free.usage.completion_tokens < 20
+    held = client.chat(PARIS, model="builtin", max_new_tokens=40, min_new_tokens=25)
+    assert held.usage.completion_tokens >= 25
+    # Greedy, so the same answer starts both; the held one goes on where the free one ended.
+    assert list(held.token_ids[: free.usage.completion_tokens - 1]) == list(free.token_ids[:-1])
+
+
+def test_temperature_zero_means_one(client):
+    options = {"max_new_tokens": 12, "ignore_eos": True, "do_sample": True, "seed": 77}
+    zero = client.generate("Random words:", temperature=0, **options)
+    one = client.generate("Random words:", temperature=1.0, **options)
+    hot = client.generate("Random words:", temperature=5.0, **options)
+    assert list(zero.token_ids) == list(one.token_ids)
+    assert list(hot.token_ids) != list(one.token_ids)
+
+
+def test_top_k_one_is_greedy(client):
+    greedy = client.generate("Random words:", max_new_tokens=12, ignore_eos=True)
+    for seed in (1, 2):
+        sampled = client.generate("Random words:", max_new_tokens=12, ignore_eos=True, do_sample=True,
+                                  temperature=1.5, top_k=1, seed=seed)
+        assert list(sampled.token_ids) == list(greedy.token_ids)
+    wide = client.generate("Random words:", max_new_tokens=12, ignore_eos=True, do_sample=True, temperature=1.5,
+                           top_k=50, seed=1)
+    assert list(wide.token_ids) != list(greedy.token_ids)
+
+
+def test_stop_sequence_limits(client):
+    import grpc
+
+    ok = client.generate("x", max_new_tokens=2, ignore_eos=True, stop_sequences=[f"{i:03d}" + "s" * 253 for i in range(16)])
+    assert ok.usage.completion_tokens == 2
+    for stops, field in (([f"{i}" for i in range(17)], "stopping.stop_sequences"), (["s" * 257], "stopping.stop_sequences[0]")):
+        with pytest.raises(grpc.RpcError) as err:
+            client.generate("x", max_new_tokens=2, stop_sequences=stops)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and err.value.details().startswith(field + ":")
+
+
+def test_queue_time_is_reported(client):
+    """`limited` runs one sequence at a time: a request behind another waits, and its timings say so."""
+    import concurrent.futures
+
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        first = pool.submit(client.generate, "first", model="limited", max_new_tokens=300, ignore_eos=True)
+        from tests.helpers import load, wait_until
+
+        wait_until(lambda: load(client, "limited")[0] == 1, what="first running")
+        second = client.generate("second", model="limited", max_new_tokens=3, ignore_eos=True)
+        first = first.result()
+    t = second.timings
+    assert 0 < t.queue_seconds < t.time_to_first_token_seconds <= t.total_seconds
+    assert first.timings.queue_seconds < t.queue_seconds
 
 
 def test_two_workers_both_serve_with_their_own_devices(client):
@@ -97,6 +171,7 @@ def test_list_models(client):
     assert tiny.is_default and tiny.dtype == "float32" and tiny.context_length == 512
     assert tiny.has_chat_template and not models["nochat"].has_chat_template
     assert tiny.workers[0].devices == ["cpu"]
+    assert dict(tiny.workers[0].device_map_summary) == {"cpu": 1}  # no device_map on a CPU: the whole model
     assert models["builtin"].source == "builtin"
 
 
@@ -112,6 +187,7 @@ def test_chinese_streams_without_broken_characters(client):
     messages = [("user", "请用中文回答：中国的首都是哪里？")]
     pieces = stream_pieces(client, messages=messages, model="builtin", max_new_tokens=40, ignore_eos=True)
     unary = client.chat(messages, model="builtin", max_new_tokens=40, ignore_eos=True)
+    assert unary.usage.completion_tokens == pieces[-1].usage.completion_tokens == 40
     assert all("\ufffd" not in p.text_delta for p in pieces)
     assert "".join(p.text_delta for p in pieces) == unary.text
     # The model answers with non-ASCII text, so multi-byte characters did cross token boundaries.

@@ -40,31 +40,64 @@ def test_reflection_lists_and_describes_the_service(server):
         assert service.methods_by_name["StreamGenerate"].server_streaming
 
 
-def test_metrics_are_scraped_and_parsed(server, client):
-    client.generate("metrics", max_new_tokens=5, ignore_eos=True)
-    list(client.stream(prompt="metrics", max_new_tokens=5, ignore_eos=True))
-    with pytest.raises(Exception):
-        client.generate("x", model="missing")
+def _counts(server) -> dict[str, float]:
+    """The series the request test below moves, read in one scrape."""
     families = scrape(server)
-    requests = families["modelpool_requests"]
-    assert samples(requests, model="tiny", method="Generate", code="OK")[0].value >= 1
-    assert samples(requests, model="tiny", method="StreamGenerate", code="OK")[0].value >= 1
-    assert samples(requests, method="Generate", code="NOT_FOUND")[0].value >= 1
-    for histogram in (
-        "modelpool_e2e_request_latency_seconds",
-        "modelpool_time_to_first_token_seconds",
-        "modelpool_inter_token_latency_seconds",
-        "modelpool_request_queue_seconds",
-    ):
-        count = [s for s in families[histogram].samples if s.name.endswith("_count") and s.labels["model"] == "tiny"]
-        assert count and count[0].value >= 2, histogram
-    assert samples(families["modelpool_generation_tokens"], model="tiny")[0].value >= 10
-    assert samples(families["modelpool_prompt_tokens"], model="tiny")[0].value > 0
-    assert "modelpool_requests_in_flight" in families
+
+    def value(family, name=None, **labels):
+        found = [s.value for s in samples(families[family], **labels) if name is None or s.name == name]
+        return found[0] if found else 0.0
+
+    counts = {
+        "ok_generate": value("modelpool_requests", model="tiny", method="Generate", code="OK"),
+        "ok_stream": value("modelpool_requests", model="tiny", method="StreamGenerate", code="OK"),
+        "not_found": value("modelpool_requests", model="", method="Generate", code="NOT_FOUND"),
+        "prompt_tokens": value("modelpool_prompt_tokens", model="tiny"),
+        "generation_tokens": value("modelpool_generation_tokens", model="tiny"),
+        "in_flight": value("modelpool_requests_in_flight", model="tiny"),
+        "running": value("modelpool_requests_running", model="tiny"),
+        "queued": value("modelpool_requests_queued", model="tiny"),
+    }
+    for histogram in ("e2e_request_latency", "time_to_first_token", "inter_token_latency", "request_queue"):
+        family = f"modelpool_{histogram}_seconds"
+        counts[histogram] = value(family, f"{family}_count", model="tiny")
+    counts["batch_size"] = value("modelpool_batch_size", "modelpool_batch_size_count", model="tiny")
+    for kind in ("prefill", "decode"):
+        counts[kind] = value("modelpool_step_seconds", "modelpool_step_seconds_count", model="tiny", kind=kind)
+    return counts
+
+
+def test_every_request_metric_moves_by_what_the_requests_caused(server, client):
+    before = _counts(server)
+    unary = client.generate("metrics", max_new_tokens=5, ignore_eos=True)
+    pieces = list(client.stream(prompt="metrics", max_new_tokens=5, ignore_eos=True))
+    with pytest.raises(grpc.RpcError) as err:
+        client.generate("x", model="missing")
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+    after = _counts(server)
+    delta = {key: after[key] - before[key] for key in before}
+    prompt = unary.usage.prompt_tokens + pieces[-1].usage.prompt_tokens
+    assert delta == {
+        "ok_generate": 1, "ok_stream": 1, "not_found": 1,
+        "prompt_tokens": prompt, "generation_tokens": 10,
+        "in_flight": 0, "running": 0, "queued": 0,
+        # Two requests, one after the other: each is queued once, gets a first token from its prefill, then four
+        # decode steps of a batch of one, each a gap between two tokens.
+        "e2e_request_latency": 2, "time_to_first_token": 2, "inter_token_latency": 8, "request_queue": 2,
+        "batch_size": 8, "prefill": 2, "decode": 8,
+    }
+    assert after["in_flight"] == after["running"] == after["queued"] == 0  # idle
+
+
+def test_worker_metrics(server):
+    families = scrape(server)
     rss = samples(families["modelpool_worker_resident_memory_bytes"], model="tiny")
-    assert len(rss) == 2 and all(s.value > 10_000_000 for s in rss)
-    up = samples(families["modelpool_worker_up"], model="tiny")
-    assert [s.value for s in up] == [1.0, 1.0]
+    assert sorted(s.labels["worker"] for s in rss) == ["tiny/0", "tiny/1"]
+    assert all(s.value > 50 * 2**20 for s in rss)  # a process with torch loaded
+    assert [s.value for s in samples(families["modelpool_worker_up"], model="tiny")] == [1.0, 1.0]
+    assert all(s.value == 0 for s in samples(families["modelpool_worker_running_sequences"], model="tiny"))
+    # Without a GPU, no GPU series exist (tests/test_gpu.py checks them where CUDA is visible).
+    assert not samples(families["modelpool_gpu_memory_total_bytes"])
 
 
 def test_sigterm_drains_in_flight_and_exits_zero(tmp_path, tiny_dir):

@@ -25,6 +25,9 @@ def _add_generation_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--stop", action="append", default=None, help="stop sequence (repeatable)")
     parser.add_argument("--timeout", type=float, default=None, help="deadline in seconds")
+    parser.add_argument(
+        "--usage", action="store_true", help="print token counts and timings to stderr after each reply"
+    )
 
 
 def _options(args: argparse.Namespace) -> dict:
@@ -41,11 +44,21 @@ def _options(args: argparse.Namespace) -> dict:
 
 def _stream_to_terminal(client: Client, args, **request) -> str:
     text = []
+    last = None
     for piece in client.stream(model=args.model, timeout=args.timeout, **request, **_options(args)):
         sys.stdout.write(piece.text_delta)
         sys.stdout.flush()
         text.append(piece.text_delta)
+        last = piece
     sys.stdout.write("\n")
+    if args.usage and last is not None:
+        finish = pb.FinishReason.Name(last.finish_reason).removeprefix("FINISH_REASON_").lower()
+        print(
+            f"[prompt_tokens={last.usage.prompt_tokens} completion_tokens={last.usage.completion_tokens} "
+            f"finish={finish} time_to_first_token={last.timings.time_to_first_token_seconds:.3f}s "
+            f"total={last.timings.total_seconds:.3f}s]",
+            file=sys.stderr,
+        )
     return "".join(text)
 
 

@@ -1,0 +1,186 @@
+"""How the server is started and configured, and what a model that cannot load looks like from outside."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from modelpool import build_request
+from modelpool.v1 import generation_pb2 as pb
+from modelpool.v1 import generation_pb2_grpc as pb_grpc
+from service import cli as serve_cli
+from tests.conftest import write_config
+from tests.helpers import model_info, wait_until
+from tests.server_process import REPO, ServerProcess
+from workers import builtin_model
+
+
+def parse(*argv: str):
+    return serve_cli.config_from_args(serve_cli.build_parser().parse_args(list(argv)))
+
+
+def test_serve_flags_reach_the_configuration():
+    cfg = parse(
+        "--model", "/models/m", "--name", "m", "--workers", "2", "--devices", "0,1", "--dtype", "bf16",
+        "--device-map", "balanced", "--threads", "3", "--max-batch-size", "5", "--max-batch-tokens", "999",
+        "--max-queue", "7", "--host", "0.0.0.0", "--port", "6000", "--metrics-host", "::1", "--metrics-port", "0",
+        "--drain-timeout", "4.5",
+    )
+    (model,) = cfg.models
+    assert (model.name, model.source, model.max_batch_size, model.max_batch_tokens, model.max_queue) == (
+        "m", "/models/m", 5, 999, 7,
+    )
+    assert [(w.devices, w.dtype, w.device_map, w.threads) for w in model.workers] == [
+        ([0], "bf16", "balanced", 3), ([1], "bf16", "balanced", 3),
+    ]
+    assert (cfg.host, cfg.port, cfg.metrics_host, cfg.metrics_port, cfg.drain_timeout_s) == (
+        "0.0.0.0", 6000, "::1", 0, 4.5,
+    )
+    specs = cfg.worker_specs(model, "/models/m")
+    assert [s.cuda_visible_devices for s in specs] == ["0", "1"] and specs[0].max_batch_size == 5
+
+
+def test_defaults_and_model_names():
+    cfg = parse()
+    assert (cfg.models[0].name, cfg.models[0].source, cfg.host, cfg.port) == ("smollm2", "builtin", "127.0.0.1", 50051)
+    assert parse("--model", "hf:Org/Some-Model").models[0].name == "Some-Model"
+    assert parse("--model", "/data/models/qwen/").models[0].name == "qwen"
+
+
+def test_flags_override_the_config_file(tmp_path):
+    config = write_config(
+        tmp_path / "c.toml",
+        """
+        [server]
+        port = 7000
+        metrics_port = 7001
+        drain_timeout_s = 9
+        [[models]]
+        name = "a"
+        source = "builtin"
+        """,
+    )
+    cfg = parse("--config", str(config), "--port", "7100", "--drain-timeout", "2")
+    assert (cfg.port, cfg.metrics_port, cfg.drain_timeout_s) == (7100, 7001, 2.0)
+    assert [m.name for m in cfg.models] == ["a"]
+
+
+def test_bad_flags_exit_with_a_configuration_error():
+    result = subprocess.run(
+        [sys.executable, "-m", "service.cli", "--workers", "3", "--devices", "0,1"],
+        cwd=REPO, capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 2 and "configuration error: --workers" in result.stderr
+
+
+def test_modelpool_cache_moves_the_builtin_cache(tmp_path):
+    """MODELPOOL_CACHE is where the converted built-in model lives (here a link to the one already converted, so
+    nothing is converted again)."""
+    converted = builtin_model.ensure_cached()
+    (tmp_path / converted.name).symlink_to(converted)
+    result = subprocess.run(
+        [sys.executable, "-m", "workers.builtin_model", "--print-path"],
+        cwd=REPO, capture_output=True, text=True, timeout=300, env={**os.environ, "MODELPOOL_CACHE": str(tmp_path)},
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == str(tmp_path / converted.name)
+    assert "converting" not in result.stderr
+
+
+def test_metrics_port_zero_serves_no_metrics(tmp_path, tiny_dir):
+    proc = ServerProcess(["--model", str(tiny_dir)], tmp_path / "server.log", metrics_port=0)
+    try:
+        proc.wait_serving()
+        assert "metrics on off" in proc.log()
+        with grpc.insecure_channel(proc.target) as channel:
+            reply = pb_grpc.GenerationServiceStub(channel).Generate(
+                build_request(prompt="x", max_new_tokens=2, ignore_eos=True), timeout=60
+            )
+        assert reply.usage.completion_tokens == 2
+    finally:
+        proc.stop()
+
+
+def test_a_model_that_fails_to_load_is_retried_with_back_off(tmp_path, tiny_dir):
+    """A folder with a config and a tokenizer but no weights: the frontend starts, the worker fails to load
+    (WorkerFailed), and is retried with a doubling back-off; meanwhile the model is UNAVAILABLE and the server
+    NOT_SERVING, ListModels shows the error, STARTING with a pid and RESTARTING without one."""
+    broken = tmp_path / "no-weights"
+    broken.mkdir()
+    for item in tiny_dir.iterdir():
+        if not item.name.endswith(".safetensors"):
+            shutil.copy(item, broken / item.name)
+    config = write_config(
+        tmp_path / "c.toml",
+        f"""
+        [server]
+        restart_backoff_s = 0.5
+        restart_backoff_max_s = 2
+        [[models]]
+        name = "broken"
+        source = "{broken}"
+        [[models.workers]]
+        threads = 1
+        """,
+    )
+    proc = ServerProcess(["--config", str(config)], tmp_path / "server.log")
+    seen: dict[int, set[bool]] = {}
+    try:
+
+        def look() -> bool:
+            try:
+                worker = model_info(proc.target, "broken").workers[0]
+            except grpc.RpcError:
+                return False
+            seen.setdefault(worker.state, set()).add(worker.pid > 0)
+            return worker.restarts >= 3 and pb.WORKER_STATE_RESTARTING in seen and pb.WORKER_STATE_STARTING in seen
+
+        wait_until(look, 180, "three failed loads")
+        worker = model_info(proc.target, "broken").workers[0]
+        assert worker.last_error.startswith("OSError:") and "model.safetensors" in worker.last_error, worker.last_error
+        assert seen[pb.WORKER_STATE_STARTING] == {True} and seen[pb.WORKER_STATE_RESTARTING] == {False}
+        assert pb.WORKER_STATE_READY not in seen
+        with grpc.insecure_channel(proc.target) as channel:
+            health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10)
+            assert health.status == health_pb2.HealthCheckResponse.NOT_SERVING
+            with pytest.raises(grpc.RpcError) as err:
+                pb_grpc.GenerationServiceStub(channel).Generate(build_request(prompt="x"), timeout=10)
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE and "no worker of model 'broken'" in err.value.details()
+        delays = [line.rsplit(" in ", 1)[1] for line in proc.log().splitlines() if "restarting worker broken/0 in" in line]
+        assert delays[:3] == ["0.5 s", "1.0 s", "2.0 s"], delays
+        proc.proc.send_signal(signal.SIGTERM)
+        assert proc.proc.wait(60) == 0
+    finally:
+        proc.stop()
+
+
+def test_startup_is_unavailable_until_a_worker_is_ready(tmp_path, tiny_dir):
+    proc = ServerProcess(["--model", str(tiny_dir), "--name", "tiny"], tmp_path / "server.log")
+    codes = set()
+    try:
+        deadline = time.monotonic() + 120
+        with grpc.insecure_channel(proc.target) as channel:
+            stub = pb_grpc.GenerationServiceStub(channel)
+            while time.monotonic() < deadline:
+                try:
+                    stub.Generate(build_request(prompt="x", max_new_tokens=2, ignore_eos=True), timeout=10,
+                                  wait_for_ready=True)
+                    codes.add("OK")
+                    break
+                except grpc.RpcError as error:
+                    codes.add(error.code().name)
+                    if error.code() != grpc.StatusCode.UNAVAILABLE:
+                        raise
+                    assert "no worker of model 'tiny' is ready" in error.details(), error.details()
+                time.sleep(0.05)
+    finally:
+        proc.stop()
+    assert codes == {"UNAVAILABLE", "OK"}, codes

@@ -146,3 +146,34 @@ def test_client_package_needs_no_torch():
         "assert 'torch' not in sys.modules and 'transformers' not in sys.modules"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path("/"))
+
+
+def test_load_gauges_follow_running_and_queued_requests(chaos_server):
+    """`slow` runs 16 sequences per worker on two workers: 33 held streams are 32 running and 1 queued, and the
+    gauges say so; once they are cancelled, everything reads 0 again."""
+    from tests.helpers import metric, wait_idle, wait_until
+
+    def gauges():
+        return (
+            metric(chaos_server, "modelpool_requests_in_flight", model="slow"),
+            metric(chaos_server, "modelpool_requests_running", model="slow"),
+            metric(chaos_server, "modelpool_requests_queued", model="slow"),
+            metric(chaos_server, "modelpool_worker_running_sequences", model="slow", worker="slow/0"),
+            metric(chaos_server, "modelpool_worker_running_sequences", model="slow", worker="slow/1"),
+        )
+
+    from modelpool import build_request
+    from modelpool.v1 import generation_pb2 as pb
+    from modelpool.v1 import generation_pb2_grpc as pb_grpc
+
+    request = build_request(pb.StreamGenerateRequest, prompt="hold", model="slow", max_new_tokens=400, ignore_eos=True)
+    with grpc.insecure_channel(chaos_server.target) as channel:
+        stub = pb_grpc.GenerationServiceStub(channel)
+        streams = [stub.StreamGenerate(request, timeout=120) for _ in range(33)]
+        try:
+            wait_until(lambda: gauges() == (33, 32, 1, 16, 16), 30, "33 in flight: 32 running, 1 queued")
+        finally:
+            for stream in streams:
+                stream.cancel()
+        wait_idle(chaos_server.target, "slow")
+    wait_until(lambda: gauges() == (0, 0, 0, 0, 0), 30, "gauges back to 0")

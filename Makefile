@@ -9,7 +9,7 @@ METRICS_PORT ?= 9090
 WORKERS ?= 1
 PYTEST_ARGS ?=
 
-.PHONY: setup serve test lint proto lint-proto bench clean
+.PHONY: setup serve test lint proto lint-proto bench clean mutation
 
 # The stamp is rebuilt when a dependency list changes.
 $(VENV)/.setup-done: pyproject.toml clients/python/pyproject.toml
@@ -48,6 +48,19 @@ lint-proto:
 
 bench: setup
 	$(PY) -m bench.run
+
+# Mutation testing (not run by CI; about an hour on 2 cores): mutmut mutates the modules in [tool.mutmut] of
+# pyproject.toml and runs the fast tests listed there against each mutant, in mutants/ (git-ignored, made afresh
+# each time: mutmut would keep old verdicts when only tests changed). Then the counts per module and the
+# survivors; tests/MUTATION.md has the last ones. MUTANTS='service.convert*' runs only those mutants.
+MUTATION_JOBS ?= 1
+MUTANTS ?=
+mutation: setup
+	rm -rf mutants
+	mkdir mutants
+	$(VENV)/bin/mutmut run --max-children $(MUTATION_JOBS) $(MUTANTS) > mutants/run.log 2>&1 \
+		|| { tr '\r' '\n' < mutants/run.log | tail -n 40; exit 1; }
+	$(PY) -m tests.mutation_summary --survivors
 
 clean:
 	rm -rf $(VENV) .cache .pytest_cache

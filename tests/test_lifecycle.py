@@ -73,6 +73,7 @@ def test_flags_override_the_config_file(tmp_path):
     assert [m.name for m in cfg.models] == ["a"]
 
 
+@pytest.mark.slow
 def test_bad_flags_exit_with_a_configuration_error():
     result = subprocess.run(
         [sys.executable, "-m", "service.cli", "--workers", "3", "--devices", "0,1"],
@@ -81,6 +82,7 @@ def test_bad_flags_exit_with_a_configuration_error():
     assert result.returncode == 2 and "configuration error: --workers" in result.stderr
 
 
+@pytest.mark.slow
 def test_modelpool_cache_moves_the_builtin_cache(tmp_path):
     """MODELPOOL_CACHE is where the converted built-in model lives (here a link to the one already converted, so
     nothing is converted again)."""
@@ -95,6 +97,7 @@ def test_modelpool_cache_moves_the_builtin_cache(tmp_path):
     assert "converting" not in result.stderr
 
 
+@pytest.mark.slow
 def test_metrics_port_zero_serves_no_metrics(tmp_path, tiny_dir):
     proc = ServerProcess(["--model", str(tiny_dir)], tmp_path / "server.log", metrics_port=0)
     try:
@@ -109,6 +112,7 @@ def test_metrics_port_zero_serves_no_metrics(tmp_path, tiny_dir):
         proc.stop()
 
 
+@pytest.mark.slow
 def test_a_model_that_fails_to_load_is_retried_with_back_off(tmp_path, tiny_dir):
     """A folder with a config and a tokenizer but no weights: the frontend starts, the worker fails to load
     (WorkerFailed), and is retried with a doubling back-off; meanwhile the model is UNAVAILABLE and the server
@@ -162,6 +166,7 @@ def test_a_model_that_fails_to_load_is_retried_with_back_off(tmp_path, tiny_dir)
         proc.stop()
 
 
+@pytest.mark.slow
 def test_startup_is_unavailable_until_a_worker_is_ready(tmp_path, tiny_dir):
     proc = ServerProcess(["--model", str(tiny_dir), "--name", "tiny"], tmp_path / "server.log")
     codes = set()

@@ -100,6 +100,7 @@ def test_worker_metrics(server):
     assert not samples(families["modelpool_gpu_memory_total_bytes"])
 
 
+@pytest.mark.slow
 def test_sigterm_drains_in_flight_and_exits_zero(tmp_path, tiny_dir):
     proc = ServerProcess(["--model", str(tiny_dir), "--drain-timeout", "60"], tmp_path / "server.log")
     try:

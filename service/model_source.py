@@ -84,5 +84,5 @@ def _modelscope(model_id: str, revision: str | None) -> Path:
         raise ModelSourceError(f"modelscope:{model_id}: needs the modelscope package (pip install modelscope)") from exc
     try:
         return Path(snapshot_download(model_id, revision=revision or "master"))
-    except Exception as exc:
+    except Exception as exc:  # modelscope raises many kinds
         raise ModelSourceError(f"modelscope:{model_id}: {exc}") from exc

@@ -92,7 +92,7 @@ class ServedModel:
             raise InvalidArgument("chat", f"model {self.name!r} has no chat template; send a raw prompt instead")
         try:
             text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        except Exception as exc:
+        except Exception as exc:  # templates raise on conversations they refuse
             raise InvalidArgument("chat.messages", f"the chat template refused them: {exc}") from exc
         # The template already wrote the special tokens (BOS, turn markers).
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])

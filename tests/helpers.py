@@ -12,6 +12,11 @@ from modelpool.v1 import generation_pb2 as pb
 from modelpool.v1 import generation_pb2_grpc as pb_grpc
 
 
+def as_stream_request(request: pb.GenerateRequest) -> pb.StreamGenerateRequest:
+    """The same request for StreamGenerate (both messages share their fields)."""
+    return pb.StreamGenerateRequest(**{f.name: v for f, v in request.ListFields()})
+
+
 def wait_until(condition, timeout=60, what="condition"):
     """Poll a client-visible condition; the bound only keeps a broken server from hanging the suite."""
     deadline = time.monotonic() + timeout

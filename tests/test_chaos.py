@@ -14,7 +14,6 @@ import os
 import random
 import re
 import signal
-import statistics
 import threading
 import time
 
@@ -31,7 +30,7 @@ from modelpool.v1 import generation_pb2 as pb
 from modelpool.v1 import generation_pb2_grpc as pb_grpc
 from tests import figures
 from tests.conftest import write_config
-from tests.helpers import load, metric, model_info, wait_idle, wait_until
+from tests.helpers import as_stream_request, load, metric, model_info, wait_idle, wait_until
 from tests.server_process import ServerProcess
 from workers.faults import ENV as FAULTS_ENV
 
@@ -150,8 +149,7 @@ def test_fuzzed_requests_get_ok_or_a_precise_status(chaos_server, request):
                     reply = stub.Generate(payload, timeout=60)
                     assert reply.usage.completion_tokens == len(reply.token_ids) >= 1
                 elif method == "StreamGenerate":
-                    fields = {f.name: v for f, v in payload.ListFields()}
-                    pieces = list(stub.StreamGenerate(pb.StreamGenerateRequest(**fields), timeout=60))
+                    pieces = list(stub.StreamGenerate(as_stream_request(payload), timeout=60))
                     assert pieces[-1].finish_reason != pb.FINISH_REASON_UNSPECIFIED
                 elif method == "raw StreamGenerate":
                     list(raw_stream(payload, timeout=60))
@@ -458,13 +456,7 @@ def test_sigterm_drains_then_a_second_sigterm_stops_at_once(tmp_path, tiny_dir):
             assert load(proc.target, "tiny")[1] == 4  # still going
             proc.proc.send_signal(signal.SIGTERM)
             started = time.monotonic()
-            outcomes = []
-            for stream in streams:
-                try:
-                    list(stream)
-                    outcomes.append(("OK", ""))
-                except grpc.RpcError as error:
-                    outcomes.append((error.code().name, error.details()))
+            outcomes = [_rest(stream) for stream in streams]
             returncode = proc.proc.wait(60)
             exit_s = time.monotonic() - started
     finally:

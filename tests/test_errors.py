@@ -10,7 +10,7 @@ import pytest
 from modelpool import Client, build_request
 from modelpool.v1 import generation_pb2 as pb
 from modelpool.v1 import generation_pb2_grpc as pb_grpc
-from tests.helpers import load, metric, wait_idle, wait_until
+from tests.helpers import as_stream_request, load, metric, wait_idle, wait_until
 
 
 @pytest.fixture
@@ -24,12 +24,8 @@ def call_error(stub, request, method="Generate") -> grpc.RpcError:
         if method == "Generate":
             stub.Generate(request, timeout=60)
         else:
-            list(stub.StreamGenerate(pb.StreamGenerateRequest(**_fields(request)), timeout=60))
+            list(stub.StreamGenerate(as_stream_request(request), timeout=60))
     return err.value
-
-
-def _fields(request):
-    return {f.name: v for f, v in request.ListFields()}
 
 
 @pytest.mark.parametrize("method", ["Generate", "StreamGenerate"])

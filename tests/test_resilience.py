@@ -12,7 +12,7 @@ import pytest
 from modelpool import build_request
 from modelpool.v1 import generation_pb2 as pb
 from modelpool.v1 import generation_pb2_grpc as pb_grpc
-from tests.helpers import load, metric, model_info, wait_idle, wait_until
+from tests.helpers import as_stream_request, load, metric, model_info, wait_idle, wait_until
 
 METHODS = {
     "Generate": (pb.GenerateRequest, pb.GenerateResponse),
@@ -42,8 +42,7 @@ def call(stub, request, method="Generate", **kwargs):
     try:
         if method == "Generate":
             return stub.Generate(request, timeout=60, **kwargs)
-        fields = {f.name: v for f, v in request.ListFields()}
-        return list(stub.StreamGenerate(pb.StreamGenerateRequest(**fields), timeout=60, **kwargs))
+        return list(stub.StreamGenerate(as_stream_request(request), timeout=60, **kwargs))
     except grpc.RpcError as error:
         return error
 

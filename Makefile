@@ -9,7 +9,7 @@ METRICS_PORT ?= 9090
 WORKERS ?= 1
 PYTEST_ARGS ?=
 
-.PHONY: setup serve test lint proto lint-proto bench clean mutation
+.PHONY: setup tools serve test lint proto lint-proto bench clean mutation
 
 # The stamp is rebuilt when a dependency list changes.
 $(VENV)/.setup-done: pyproject.toml clients/python/pyproject.toml
@@ -25,26 +25,40 @@ $(VENV)/.setup-done: pyproject.toml clients/python/pyproject.toml
 
 setup: $(VENV)/.setup-done
 
+# Go, protoc, openssl (apt) and buf (npm) for the client and contract tests; see .ci/install-tools.
+tools:
+	.ci/install-tools
+
 serve: setup
 	$(VENV)/bin/modelpool serve --model builtin --workers $(WORKERS) --host $(HOST) --port $(PORT) --metrics-port $(METRICS_PORT)
 
-test: setup
+test: setup tools
 	$(PY) -m pytest -ra $(PYTEST_ARGS)
 
-# ruff (lint and format) and mypy over the server, the workers and the Python client; .ci/run runs it first.
+# ruff (lint and format), mypy over the server, the workers and the Python client, mypy --strict over the client,
+# and buf lint / buf breaking over the contract; .ci/run runs it first.
 LINTED := service workers clients/python
-lint: setup
+BUF := .cache/tools/node_modules/.bin/buf
+lint: setup tools
 	$(VENV)/bin/ruff check $(LINTED)
 	$(VENV)/bin/ruff format --check $(LINTED)
 	$(VENV)/bin/mypy
+	$(VENV)/bin/mypy --strict clients/python/modelpool
+	$(MAKE) lint-proto
 
-proto: setup
-	$(PY) -m grpc_tools.protoc -I proto --python_out=clients/python --pyi_out=clients/python \
-		--grpc_python_out=clients/python proto/modelpool/v1/generation.proto
+# buf lint, and buf breaking against the contract as released (proto/baseline/): a wire-incompatible change fails.
+lint-proto: tools
+	$(BUF) lint proto
+	$(BUF) breaking proto --against proto/baseline
 
-# buf from the npm registry (not needed by the tests).
-lint-proto:
-	cd proto && npx --yes @bufbuild/buf@1.75.0 lint
+# Regenerate the committed stubs: Python (grpcio-tools, with mypy-protobuf's .pyi) and Go (Debian's protoc,
+# protoc-gen-go and protoc-gen-go-grpc, whose stubs build against grpc-go 1.33 and newer). The tests fail on stale ones.
+PROTO := modelpool/v1/generation.proto
+proto: setup tools
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) -m grpc_tools.protoc -I proto --python_out=clients/python \
+		--grpc_python_out=clients/python --mypy_out=clients/python --mypy_grpc_out=clients/python proto/$(PROTO)
+	protoc -I proto --go_out=paths=source_relative:clients/go --go-grpc_out=paths=source_relative:clients/go \
+		proto/$(PROTO)
 
 bench: setup
 	$(PY) -m bench.run

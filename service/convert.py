@@ -108,7 +108,7 @@ _FINISH_REASONS = {
 }
 
 
-def _finish_reason(reason: FinishReason) -> pb.FinishReason:
+def _finish_reason(reason: FinishReason) -> pb.FinishReason.ValueType:
     return _FINISH_REASONS.get(reason, pb.FINISH_REASON_UNSPECIFIED)
 
 

@@ -148,6 +148,40 @@ def chaos_server(tmp_path_factory, tiny_dir):
         proc.stop()
 
 
+@pytest.fixture(scope="session")
+def edge_server(tmp_path_factory, tiny_dir):
+    """A server for the client tests (Go, grpcurl, the Python client installed alone), one worker each:
+    - tiny: the default model;
+    - slow: every forward pass takes 200 ms longer (injected), so a 400-token stream runs for minutes and a test
+      can see that cancelling it is what frees its slot."""
+    tmp = tmp_path_factory.mktemp("edge")
+    config = write_config(
+        tmp / "modelpool.toml",
+        f"""
+        [server]
+        default_model = "tiny"
+
+        [[models]]
+        name = "tiny"
+        source = "{tiny_dir}"
+        [[models.workers]]
+        threads = 1
+
+        [[models]]
+        name = "slow"
+        source = "{tiny_dir}"
+        [[models.workers]]
+        threads = 1
+        """,
+    )
+    proc = ServerProcess(["--config", str(config)], tmp / "server.log", env={FAULTS_ENV: "slow:slow_step_ms=200"})
+    try:
+        proc.wait_serving()
+        yield proc
+    finally:
+        proc.stop()
+
+
 @pytest.fixture
 def client(server):
     with Client(server.target, timeout=120) as c:

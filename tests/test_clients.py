@@ -9,8 +9,9 @@ import sys
 
 import pytest
 
-from modelpool import AsyncClient, build_request
+from modelpool import AsyncClient, Client, build_request
 from modelpool.v1 import generation_pb2 as pb
+from tests.helpers import wait_until
 
 
 def cli(*args, stdin: str | None = None) -> subprocess.CompletedProcess:
@@ -101,3 +102,40 @@ def test_cli_models_and_errors(server):
 def test_cli_generate_names_paris(server):
     result = cli("generate", "What is the capital of France?", "--target", server.target, "--model", "builtin")
     assert result.returncode == 0 and "Paris" in result.stdout
+
+
+def _slow_in_flight(client) -> int:
+    """Requests the worker of `slow` holds (running or waiting)."""
+    (slow,) = [m for m in client.models() if m.name == "slow"]
+    return sum(w.outstanding_requests for w in slow.workers)
+
+
+def test_breaking_out_of_a_stream_frees_the_worker_slot(edge_server):
+    """`slow` needs minutes for 400 tokens; the slot frees at once only because the break cancels the call."""
+    with Client(edge_server.target, timeout=120) as client:
+        wait_until(lambda: _slow_in_flight(client) == 0, 30, "slow idle")
+        for piece in client.stream("go", model="slow", max_new_tokens=400, ignore_eos=True):
+            assert piece.token_ids
+            assert _slow_in_flight(client) == 1
+            break
+        wait_until(lambda: _slow_in_flight(client) == 0, 30, "the slot freed by the break")
+
+
+def test_breaking_out_of_an_async_stream_frees_the_worker_slot(edge_server):
+    async def in_flight(client) -> int:
+        (slow,) = [m for m in await client.models() if m.name == "slow"]
+        return sum(w.outstanding_requests for w in slow.workers)
+
+    async def scenario():
+        async with AsyncClient(edge_server.target, timeout=120) as client:
+            async for piece in client.stream("go", model="slow", max_new_tokens=400, ignore_eos=True):
+                assert piece.token_ids
+                assert await in_flight(client) == 1
+                break
+            for _ in range(600):  # 30 s at most
+                if await in_flight(client) == 0:
+                    return
+                await asyncio.sleep(0.05)
+            raise AssertionError("the async break did not free the slot")
+
+    asyncio.run(scenario())

@@ -7,7 +7,7 @@ import concurrent.futures
 import grpc
 import pytest
 
-from modelpool import Client, build_request
+from modelpool import Client, ModelpoolError, build_request
 from modelpool.v1 import generation_pb2 as pb
 from modelpool.v1 import generation_pb2_grpc as pb_grpc
 from tests.helpers import as_stream_request, load, metric, wait_idle, wait_until
@@ -103,9 +103,9 @@ def test_cancelled_stream_is_dropped_by_its_worker(chaos_server):
 
 
 def test_deadline_frees_the_slot(client):
-    with pytest.raises(grpc.RpcError) as err:
+    with pytest.raises(ModelpoolError) as err:
         client.generate("go", model="builtin", max_new_tokens=2000, ignore_eos=True, timeout=1.0)
-    assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert err.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
     wait_idle(client, "builtin")
 
 
@@ -138,10 +138,10 @@ def test_worker_death_fails_in_flight_with_unavailable_then_restarts(server, cli
         stream = client.stream(prompt="go", model="fragile", max_new_tokens=500, ignore_eos=True)
         assert next(stream).token_ids
         os.kill(fragile.pid, signal.SIGKILL)
-        with pytest.raises(grpc.RpcError) as err:
+        with pytest.raises(ModelpoolError) as err:
             list(stream)
-        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
-        assert "died" in err.value.details()
+        assert err.value.code == grpc.StatusCode.UNAVAILABLE
+        assert "died" in err.value.message
         # Health: NOT_SERVING while the model has no ready worker, SERVING once it is back.
         statuses = []
         for reply in watch:

@@ -6,6 +6,7 @@ import concurrent.futures
 
 import pytest
 
+from modelpool import ModelpoolError
 from modelpool.v1 import generation_pb2 as pb
 
 CHAT = [("system", "You are terse."), ("user", "Tell me about the sea.")]
@@ -132,9 +133,9 @@ def test_stop_sequence_limits(client):
     ok = client.generate("x", max_new_tokens=2, ignore_eos=True, stop_sequences=[f"{i:03d}" + "s" * 253 for i in range(16)])
     assert ok.usage.completion_tokens == 2
     for stops, field in (([f"{i}" for i in range(17)], "stopping.stop_sequences"), (["s" * 257], "stopping.stop_sequences[0]")):
-        with pytest.raises(grpc.RpcError) as err:
+        with pytest.raises(ModelpoolError) as err:
             client.generate("x", max_new_tokens=2, stop_sequences=stops)
-        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and err.value.details().startswith(field + ":")
+        assert err.value.code == grpc.StatusCode.INVALID_ARGUMENT and err.value.message.startswith(field + ":")
 
 
 def test_queue_time_is_reported(client):

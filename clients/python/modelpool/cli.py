@@ -1,21 +1,48 @@
-"""The `modelpool` command: serve, generate, chat, models."""
+"""The `modelpool` command: generate, chat and models against a server, plus the commands other packages add.
+
+Commands of other packages come from the entry-point group `modelpool.commands` (name -> a `main(argv) -> int`);
+the server package adds `serve` there, so this client package imports nothing of the server.
+"""
 
 from __future__ import annotations
 
 import argparse
 import os
 import sys
+from collections.abc import Callable
+from importlib.metadata import EntryPoint, entry_points
+from typing import Any
 
-import grpc
-
+from modelpool.channel import TLS
 from modelpool.client import Client
+from modelpool.errors import ModelpoolError
+from modelpool.request import Message
 from modelpool.v1 import generation_pb2 as pb
 
 _DEFAULT_TARGET = os.environ.get("MODELPOOL_TARGET", "127.0.0.1:50051")
+COMMAND_GROUP = "modelpool.commands"
+
+
+def _add_connection_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--target", default=_DEFAULT_TARGET, help="server address (env MODELPOOL_TARGET)")
+    parser.add_argument("--timeout", type=float, default=None, help="deadline in seconds")
+    parser.add_argument("--tls", action="store_true", help="use TLS (implied by --ca, --cert, --key)")
+    parser.add_argument("--ca", default=None, help="PEM file of the certificate authority to trust")
+    parser.add_argument("--cert", default=None, help="PEM client certificate (mutual TLS, with --key)")
+    parser.add_argument("--key", default=None, help="PEM private key of --cert")
+    parser.add_argument("--server-name", default=None, help="name to check in the server's certificate")
+    parser.add_argument("--token", default=os.environ.get("MODELPOOL_TOKEN"), help="bearer token (env MODELPOOL_TOKEN)")
+
+
+def _client(args: argparse.Namespace) -> Client:
+    tls: TLS | bool = args.tls
+    if args.ca or args.cert or args.key or args.server_name:
+        tls = TLS.from_files(args.ca, args.cert, args.key, args.server_name)
+    return Client(args.target, tls=tls, token=args.token)
 
 
 def _add_generation_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--target", default=_DEFAULT_TARGET, help="server address (env MODELPOOL_TARGET)")
+    _add_connection_options(parser)
     parser.add_argument("--model", default="", help="model name (default: the server's default model)")
     parser.add_argument("--max-new-tokens", type=int, default=None)
     parser.add_argument("--temperature", type=float, default=None, help="sample with this temperature")
@@ -24,13 +51,12 @@ def _add_generation_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repetition-penalty", type=float, default=None)
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--stop", action="append", default=None, help="stop sequence (repeatable)")
-    parser.add_argument("--timeout", type=float, default=None, help="deadline in seconds")
     parser.add_argument(
         "--usage", action="store_true", help="print token counts and timings to stderr after each reply"
     )
 
 
-def _options(args: argparse.Namespace) -> dict:
+def _options(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "max_new_tokens": args.max_new_tokens,
         "temperature": args.temperature,
@@ -42,10 +68,13 @@ def _options(args: argparse.Namespace) -> dict:
     }
 
 
-def _stream_to_terminal(client: Client, args, **request) -> str:
+def _stream_to_terminal(
+    client: Client, args: argparse.Namespace, prompt: str | None = None, messages: list[Message] | None = None
+) -> str:
     text = []
     last = None
-    for piece in client.stream(model=args.model, timeout=args.timeout, **request, **_options(args)):
+    stream = client.stream(prompt, messages=messages, model=args.model, timeout=args.timeout, **_options(args))
+    for piece in stream:
         sys.stdout.write(piece.text_delta)
         sys.stdout.flush()
         text.append(piece.text_delta)
@@ -63,19 +92,19 @@ def _stream_to_terminal(client: Client, args, **request) -> str:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    with Client(args.target) as client:
+    with _client(args) as client:
         if args.raw:
             _stream_to_terminal(client, args, prompt=args.prompt)
         else:
-            messages = ([("system", args.system)] if args.system else []) + [("user", args.prompt)]
-            _stream_to_terminal(client, args, messages=messages)
+            messages: list[Message] = [("system", args.system)] if args.system else []
+            _stream_to_terminal(client, args, messages=[*messages, ("user", args.prompt)])
     return 0
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
-    history = [("system", args.system)] if args.system else []
+    history: list[Message] = [("system", args.system)] if args.system else []
     print("Chatting with the model; /reset forgets the conversation, /quit or Ctrl-D ends.", file=sys.stderr)
-    with Client(args.target) as client:
+    with _client(args) as client:
         while True:
             try:
                 line = input("> ")
@@ -100,7 +129,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
 
 def cmd_models(args: argparse.Namespace) -> int:
-    with Client(args.target) as client:
+    with _client(args) as client:
         models = client.models(timeout=args.timeout)
     for m in models:
         default = " (default)" if m.is_default else ""
@@ -119,12 +148,19 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
+def plugin_commands() -> dict[str, EntryPoint]:
+    """Commands that installed packages add (the server adds `serve`)."""
+    return {entry.name: entry for entry in entry_points(group=COMMAND_GROUP)}
+
+
+def build_parser(plugins: dict[str, EntryPoint]) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="modelpool", description="modelpool gRPC model server and client")
     sub = parser.add_subparsers(dest="command", required=True)
-
-    serve = sub.add_parser("serve", help="run the server (needs the modelpool-server package)", add_help=False)
-    serve.add_argument("rest", nargs=argparse.REMAINDER)
+    for name, entry in sorted(plugins.items()):
+        dist = entry.dist.name if entry.dist else entry.value
+        sub.add_parser(name, help=f"added by {dist} (`modelpool {name} --help`)", add_help=False)
+    if "serve" not in plugins:
+        sub.add_parser("serve", help="run the server (needs the modelpool-server package)", add_help=False)
 
     gen = sub.add_parser("generate", help="stream a completion to the terminal")
     gen.add_argument("prompt")
@@ -139,24 +175,27 @@ def main(argv: list[str] | None = None) -> int:
     chat.set_defaults(func=cmd_chat)
 
     models = sub.add_parser("models", help="list the served models and their workers")
-    models.add_argument("--target", default=_DEFAULT_TARGET)
-    models.add_argument("--timeout", type=float, default=10)
-    models.set_defaults(func=cmd_models)
+    _add_connection_options(models)
+    models.set_defaults(func=cmd_models, timeout=10)
+    return parser
 
+
+def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    plugins = plugin_commands()
+    if argv[:1] and argv[0] in plugins:
+        command: Callable[[list[str]], int] = plugins[argv[0]].load()
+        return command(argv[1:])
     if argv[:1] == ["serve"]:
-        try:
-            from service.cli import main as serve_main
-        except ImportError:
-            print("modelpool serve needs the server: pip install modelpool-server", file=sys.stderr)
-            return 2
-        return serve_main(argv[1:])
-    args = parser.parse_args(argv)
+        print("modelpool serve needs the server: pip install modelpool-server", file=sys.stderr)
+        return 2
+    args = build_parser(plugins).parse_args(argv)
     try:
-        return args.func(args)
-    except grpc.RpcError as exc:
-        print(f"\nmodelpool: {exc.code().name}: {exc.details()}", file=sys.stderr)
+        code: int = args.func(args)
+    except ModelpoolError as exc:
+        print(f"\nmodelpool: {exc}", file=sys.stderr)
         return 1
+    return code
 
 
 if __name__ == "__main__":

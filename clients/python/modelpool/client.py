@@ -1,83 +1,181 @@
-"""Thin sync and asyncio clients over the generated stubs; no torch needed.
+"""Sync and asyncio clients over the generated stubs; no torch needed.
 
-from modelpool import Client
-with Client("127.0.0.1:50051") as client:
-    print(client.chat([("user", "What is the capital of France?")]).text)
-    for piece in client.stream("Once upon a time", max_new_tokens=32):
-        print(piece.text_delta, end="", flush=True)
+    from modelpool import Client
+    with Client("127.0.0.1:50051", timeout=30) as client:
+        print(client.chat([("user", "What is the capital of France?")]).text)
+        for piece in client.stream("Once upon a time", max_new_tokens=32):
+            print(piece.text_delta, end="", flush=True)
+
+Every failed call raises `ModelpoolError` (status code and message). Unary calls are retried on UNAVAILABLE by
+gRPC's own retry policy (`retries` attempts in all); streams never are. Breaking out of a stream, or dropping
+it, cancels the call, which frees its slot on the server.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
+from types import TracebackType
+from typing import TYPE_CHECKING, Any
 
 import grpc
 
+from modelpool.channel import TLS, ChannelOptions, aio_channel, as_tls, channel_options, sync_channel
+from modelpool.errors import ModelpoolError
+from modelpool.request import Message, build_request
 from modelpool.v1 import generation_pb2 as pb
 from modelpool.v1 import generation_pb2_grpc as pb_grpc
 
-Message = Mapping[str, str] | Sequence[str]
-_ROLES = {"system": pb.ROLE_SYSTEM, "user": pb.ROLE_USER, "assistant": pb.ROLE_ASSISTANT}
-_SAMPLING = ("do_sample", "temperature", "top_p", "top_k", "repetition_penalty", "seed")
-_STOPPING = ("max_new_tokens", "min_new_tokens", "stop_sequences", "ignore_eos")
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
+
+    from modelpool.request import Options
+
+Metadata = Sequence[tuple[str, str]]
+DEFAULT_ATTEMPTS = 3
 
 
-def _chat(messages: Iterable[Message]) -> pb.ChatMessages:
-    chat = pb.ChatMessages()
-    for message in messages:
-        role, content = (message["role"], message["content"]) if isinstance(message, Mapping) else message
-        if role not in _ROLES:
-            raise ValueError(f"unknown role {role!r}: use one of {sorted(_ROLES)}")
-        chat.messages.add(role=_ROLES[role], content=content)
-    return chat
+class _CallSettings:
+    """What every call of one client shares: default deadline, wait-for-ready and metadata (token included)."""
+
+    def __init__(self, timeout: float | None, wait_for_ready: bool | None, token: str | None, metadata: Metadata):
+        self.timeout = timeout
+        self.wait_for_ready = wait_for_ready
+        self.metadata = list(metadata) + ([("authorization", f"Bearer {token}")] if token else [])
+
+    def kwargs(self, timeout: float | None, wait_for_ready: bool | None, metadata: Metadata) -> dict[str, Any]:
+        return {
+            "timeout": self.timeout if timeout is None else timeout,
+            "wait_for_ready": self.wait_for_ready if wait_for_ready is None else wait_for_ready,
+            "metadata": tuple(self.metadata) + tuple(metadata),
+        }
 
 
-def build_request(
-    cls=pb.GenerateRequest,
-    prompt: str | None = None,
-    *,
-    messages: Iterable[Message] | None = None,
-    model: str = "",
-    **options,
-):
-    """A GenerateRequest or StreamGenerateRequest from a prompt or (role, content) messages and keyword options:
-    do_sample, temperature, top_p, top_k, repetition_penalty, seed, max_new_tokens, min_new_tokens,
-    stop_sequences, ignore_eos."""
-    unknown = set(options) - set(_SAMPLING) - set(_STOPPING)
-    if unknown:
-        raise TypeError(f"unknown options {sorted(unknown)}")
-    if (prompt is None) == (messages is None):
-        raise ValueError("give either a prompt or messages")
-    request = cls(model=model)
-    if prompt is not None:
-        request.prompt = prompt
-    else:
-        request.chat.CopyFrom(_chat(messages or ()))
-    sampling = {k: v for k, v in options.items() if k in _SAMPLING and v is not None}
-    # A temperature above 0 asks for sampling; 0 keeps greedy decoding (the server reads 0 as "unset").
-    if sampling.get("temperature", 0) > 0 and "do_sample" not in sampling:
-        sampling["do_sample"] = True
-    request.sampling.CopyFrom(pb.SamplingParameters(**sampling))
-    stopping = {k: v for k, v in options.items() if k in _STOPPING and v is not None}
-    request.stopping.CopyFrom(pb.StoppingCriteria(**stopping))
-    return request
+class Stream(Iterator[pb.StreamGenerateResponse]):
+    """The messages of one StreamGenerate call. Dropping it (as breaking out of a `for` loop does) or `cancel()`
+    cancels the call; a failure raises `ModelpoolError`."""
+
+    def __init__(self, call: Any) -> None:
+        self._call = call
+
+    def __iter__(self) -> Stream:
+        return self
+
+    def __next__(self) -> pb.StreamGenerateResponse:
+        try:
+            response: pb.StreamGenerateResponse = next(self._call)
+        except grpc.RpcError as exc:
+            raise ModelpoolError.from_rpc_error(exc) from None
+        return response
+
+    def cancel(self) -> None:
+        self._call.cancel()
+
+    def __enter__(self) -> Stream:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.cancel()
+
+    def __del__(self) -> None:
+        call = getattr(self, "_call", None)
+        if call is not None:
+            call.cancel()
+
+
+class AsyncStream(AsyncIterator[pb.StreamGenerateResponse]):
+    """The messages of one StreamGenerate call, for `async for`. Dropping it, `cancel()` or leaving
+    `async with` cancels the call; a failure raises `ModelpoolError`."""
+
+    def __init__(self, call: Any) -> None:
+        self._call = call
+
+    def __aiter__(self) -> AsyncStream:
+        return self
+
+    async def __anext__(self) -> pb.StreamGenerateResponse:
+        try:
+            response = await self._call.read()
+        except grpc.RpcError as exc:
+            raise ModelpoolError.from_rpc_error(exc) from None
+        if response is grpc.aio.EOF:
+            raise StopAsyncIteration
+        result: pb.StreamGenerateResponse = response
+        return result
+
+    def cancel(self) -> None:
+        self._call.cancel()
+
+    async def __aenter__(self) -> AsyncStream:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.cancel()
+
+    def __del__(self) -> None:
+        call = getattr(self, "_call", None)
+        if call is not None and not call.done():
+            call.cancel()
 
 
 class Client:
-    """Blocking client. `timeout` is the default deadline of each call, in seconds."""
+    """Blocking client.
 
-    def __init__(self, target: str = "127.0.0.1:50051", *, timeout: float | None = None, channel=None):
-        self._channel = channel or grpc.insecure_channel(target)
+    `timeout`: default deadline of each call in seconds; `wait_for_ready`: queue calls while the channel is not
+    yet connected instead of failing at once; `tls`: True (system roots) or a `TLS`; `token`: sent as
+    `authorization: Bearer <token>`; `metadata`: sent with every call; `retries`: attempts in all for unary
+    calls answered UNAVAILABLE (1 = none, gRPC caps it at 5); `options`: extra gRPC channel options."""
+
+    def __init__(
+        self,
+        target: str = "127.0.0.1:50051",
+        *,
+        timeout: float | None = None,
+        wait_for_ready: bool | None = None,
+        tls: TLS | bool | None = None,
+        token: str | None = None,
+        metadata: Metadata = (),
+        retries: int = DEFAULT_ATTEMPTS,
+        options: ChannelOptions = (),
+        channel: grpc.Channel | None = None,
+    ) -> None:
+        security = as_tls(tls)
+        self._channel = channel or sync_channel(target, security, channel_options(retries, security, options))
         self._stub = pb_grpc.GenerationServiceStub(self._channel)
-        self.timeout = timeout
+        self._settings = _CallSettings(timeout, wait_for_ready, token, metadata)
 
-    def generate(self, prompt: str, *, model: str = "", timeout: float | None = None, **options) -> pb.GenerateResponse:
+    def _unary(self, method: Any, request: Any, timeout: float | None, ready: bool | None, metadata: Metadata) -> Any:
+        try:
+            return method(request, **self._settings.kwargs(timeout, ready, metadata))
+        except grpc.RpcError as exc:
+            raise ModelpoolError.from_rpc_error(exc) from None
+
+    def generate(
+        self,
+        prompt: str,
+        *,
+        model: str = "",
+        timeout: float | None = None,
+        wait_for_ready: bool | None = None,
+        metadata: Metadata = (),
+        **options: Unpack[Options],
+    ) -> pb.GenerateResponse:
         request = build_request(pb.GenerateRequest, prompt, model=model, **options)
-        return self._stub.Generate(request, timeout=timeout or self.timeout)
+        response: pb.GenerateResponse = self._unary(self._stub.Generate, request, timeout, wait_for_ready, metadata)
+        return response
 
-    def chat(self, messages: Iterable[Message], *, model: str = "", timeout: float | None = None, **options):
+    def chat(
+        self,
+        messages: Iterable[Message],
+        *,
+        model: str = "",
+        timeout: float | None = None,
+        wait_for_ready: bool | None = None,
+        metadata: Metadata = (),
+        **options: Unpack[Options],
+    ) -> pb.GenerateResponse:
         request = build_request(pb.GenerateRequest, messages=messages, model=model, **options)
-        return self._stub.Generate(request, timeout=timeout or self.timeout)
+        response: pb.GenerateResponse = self._unary(self._stub.Generate, request, timeout, wait_for_ready, metadata)
+        return response
 
     def stream(
         self,
@@ -86,18 +184,21 @@ class Client:
         messages: Iterable[Message] | None = None,
         model: str = "",
         timeout: float | None = None,
-        **options,
-    ) -> Iterator[pb.StreamGenerateResponse]:
-        """Yields stream messages; breaking out of the loop cancels the call on the server."""
+        wait_for_ready: bool | None = None,
+        metadata: Metadata = (),
+        **options: Unpack[Options],
+    ) -> Stream:
+        """The stream of one generation, from a prompt or chat messages."""
         request = build_request(pb.StreamGenerateRequest, prompt, messages=messages, model=model, **options)
-        call = self._stub.StreamGenerate(request, timeout=timeout or self.timeout)
-        try:
-            yield from call
-        finally:
-            call.cancel()
+        return Stream(self._stub.StreamGenerate(request, **self._settings.kwargs(timeout, wait_for_ready, metadata)))
 
-    def models(self, timeout: float | None = None) -> list[pb.ModelInfo]:
-        return list(self._stub.ListModels(pb.ListModelsRequest(), timeout=timeout or self.timeout).models)
+    def models(
+        self, *, timeout: float | None = None, wait_for_ready: bool | None = None, metadata: Metadata = ()
+    ) -> list[pb.ModelInfo]:
+        response: pb.ListModelsResponse = self._unary(
+            self._stub.ListModels, pb.ListModelsRequest(), timeout, wait_for_ready, metadata
+        )
+        return list(response.models)
 
     def close(self) -> None:
         self._channel.close()
@@ -105,45 +206,95 @@ class Client:
     def __enter__(self) -> Client:
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         self.close()
 
 
 class AsyncClient:
-    """asyncio client (grpc.aio). `timeout` is the default deadline of each call, in seconds."""
+    """asyncio client (grpc.aio); the same arguments as `Client`."""
 
-    def __init__(self, target: str = "127.0.0.1:50051", *, timeout: float | None = None, channel=None):
-        self._channel = channel or grpc.aio.insecure_channel(target)
+    def __init__(
+        self,
+        target: str = "127.0.0.1:50051",
+        *,
+        timeout: float | None = None,
+        wait_for_ready: bool | None = None,
+        tls: TLS | bool | None = None,
+        token: str | None = None,
+        metadata: Metadata = (),
+        retries: int = DEFAULT_ATTEMPTS,
+        options: ChannelOptions = (),
+        channel: grpc.aio.Channel | None = None,
+    ) -> None:
+        security = as_tls(tls)
+        self._channel = channel or aio_channel(target, security, channel_options(retries, security, options))
         self._stub = pb_grpc.GenerationServiceStub(self._channel)
-        self.timeout = timeout
+        self._settings = _CallSettings(timeout, wait_for_ready, token, metadata)
 
-    async def generate(self, prompt: str, *, model: str = "", timeout: float | None = None, **options):
+    async def _unary(
+        self, method: Any, request: Any, timeout: float | None, ready: bool | None, metadata: Metadata
+    ) -> Any:
+        try:
+            return await method(request, **self._settings.kwargs(timeout, ready, metadata))
+        except grpc.RpcError as exc:
+            raise ModelpoolError.from_rpc_error(exc) from None
+
+    async def generate(
+        self,
+        prompt: str,
+        *,
+        model: str = "",
+        timeout: float | None = None,
+        wait_for_ready: bool | None = None,
+        metadata: Metadata = (),
+        **options: Unpack[Options],
+    ) -> pb.GenerateResponse:
         request = build_request(pb.GenerateRequest, prompt, model=model, **options)
-        return await self._stub.Generate(request, timeout=timeout or self.timeout)
+        response: pb.GenerateResponse = await self._unary(
+            self._stub.Generate, request, timeout, wait_for_ready, metadata
+        )
+        return response
 
-    async def chat(self, messages: Iterable[Message], *, model: str = "", timeout: float | None = None, **options):
+    async def chat(
+        self,
+        messages: Iterable[Message],
+        *,
+        model: str = "",
+        timeout: float | None = None,
+        wait_for_ready: bool | None = None,
+        metadata: Metadata = (),
+        **options: Unpack[Options],
+    ) -> pb.GenerateResponse:
         request = build_request(pb.GenerateRequest, messages=messages, model=model, **options)
-        return await self._stub.Generate(request, timeout=timeout or self.timeout)
+        response: pb.GenerateResponse = await self._unary(
+            self._stub.Generate, request, timeout, wait_for_ready, metadata
+        )
+        return response
 
-    async def stream(
+    def stream(
         self,
         prompt: str | None = None,
         *,
         messages: Iterable[Message] | None = None,
         model: str = "",
         timeout: float | None = None,
-        **options,
-    ) -> AsyncIterator[pb.StreamGenerateResponse]:
+        wait_for_ready: bool | None = None,
+        metadata: Metadata = (),
+        **options: Unpack[Options],
+    ) -> AsyncStream:
+        """The stream of one generation (`async for piece in client.stream(...)`)."""
         request = build_request(pb.StreamGenerateRequest, prompt, messages=messages, model=model, **options)
-        call = self._stub.StreamGenerate(request, timeout=timeout or self.timeout)
-        try:
-            async for response in call:
-                yield response
-        finally:
-            call.cancel()
+        call = self._stub.StreamGenerate(request, **self._settings.kwargs(timeout, wait_for_ready, metadata))
+        return AsyncStream(call)
 
-    async def models(self, timeout: float | None = None) -> list[pb.ModelInfo]:
-        response = await self._stub.ListModels(pb.ListModelsRequest(), timeout=timeout or self.timeout)
+    async def models(
+        self, *, timeout: float | None = None, wait_for_ready: bool | None = None, metadata: Metadata = ()
+    ) -> list[pb.ModelInfo]:
+        response: pb.ListModelsResponse = await self._unary(
+            self._stub.ListModels, pb.ListModelsRequest(), timeout, wait_for_ready, metadata
+        )
         return list(response.models)
 
     async def close(self) -> None:
@@ -152,5 +303,7 @@ class AsyncClient:
     async def __aenter__(self) -> AsyncClient:
         return self
 
-    async def __aexit__(self, *exc) -> None:
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         await self.close()

@@ -36,6 +36,16 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     parser.add_argument("--metrics-host", default=None, help="address of /metrics (default 127.0.0.1)")
     parser.add_argument("--metrics-port", type=int, default=None, help="Prometheus port (default 9090, 0 = off)")
     parser.add_argument("--drain-timeout", type=float, default=None, help="seconds in-flight calls get on SIGTERM")
+    parser.add_argument("--tls-cert", default=None, help="PEM certificate chain: serve gRPC over TLS")
+    parser.add_argument("--tls-key", default=None, help="PEM private key of --tls-cert")
+    parser.add_argument("--tls-client-ca", default=None, help="PEM CA: require client certificates (mutual TLS)")
+    parser.add_argument("--metrics-tls", action="store_true", default=None, help="serve /metrics over TLS too")
+    parser.add_argument(
+        "--auth-tokens-file", default=None, help="TOML file of bearer tokens (format in service/auth.py)"
+    )
+    parser.add_argument(
+        "--no-reflection", dest="reflection", action="store_false", default=None, help="turn server reflection off"
+    )
     parser.add_argument("--log-level", default=os.environ.get("MODELPOOL_LOG_LEVEL", "INFO"))
     return parser
 
@@ -56,6 +66,7 @@ def config_from_args(args: argparse.Namespace) -> config_module.ServerConfig:
         cfg = config_module.load(args.config)
         for key, value in server.items():
             setattr(cfg, key, value)
+        _apply_security_flags(cfg, args)
         return cfg.validate()
     cfg = config_module.from_flags(
         args.model,
@@ -71,7 +82,24 @@ def config_from_args(args: argparse.Namespace) -> config_module.ServerConfig:
     for key in ("max_batch_size", "max_batch_tokens", "max_queue"):
         if getattr(args, key) is not None:
             setattr(model, key, getattr(args, key))
+    _apply_security_flags(cfg, args)
     return cfg.validate()
+
+
+def _apply_security_flags(cfg: config_module.ServerConfig, args: argparse.Namespace) -> None:
+    """TLS, token and reflection flags override the file. Tokens themselves never come from a flag."""
+    for flag, key in (
+        ("tls_cert", "cert"),
+        ("tls_key", "key"),
+        ("tls_client_ca", "client_ca"),
+        ("metrics_tls", "metrics"),
+    ):
+        if getattr(args, flag) is not None:
+            setattr(cfg.tls, key, getattr(args, flag))
+    if args.auth_tokens_file is not None:
+        cfg.auth.tokens_file = args.auth_tokens_file
+    if args.reflection is not None:
+        cfg.reflection = args.reflection
 
 
 def _run_loop(main) -> None:
@@ -99,6 +127,9 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         _run_loop(serve(cfg))
+    except config_module.ConfigError as exc:
+        print(f"modelpool serve: configuration error: {exc}", file=sys.stderr)
+        return 2
     except ModelSourceError as exc:
         print(f"modelpool serve: {exc}", file=sys.stderr)
         return 1

@@ -66,7 +66,47 @@ class ModelConfig:
     default_max_new_tokens: int = 256
     # Prompt (or all chat contents) in bytes; larger input is refused before tokenizing. 0: 32 x context length.
     max_input_bytes: int = 0
+    max_prompt_tokens: int = 0  # 0 = the context length bounds it
+    max_new_tokens: int = 0  # the most a request may ask for; 0 = the context length bounds it
     workers: list[WorkerGroupConfig] = field(default_factory=lambda: [WorkerGroupConfig()])
+
+
+@dataclass
+class TLSConfig:
+    cert: str = ""  # PEM certificate chain of the server
+    key: str = ""  # PEM private key of that certificate
+    client_ca: str = ""  # PEM CA bundle: when set, clients must present a certificate it signed (mutual TLS)
+    metrics: bool = False  # serve /metrics over TLS too, with the same certificate
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.cert or self.key)
+
+    def validate(self) -> None:
+        if bool(self.cert) != bool(self.key):
+            raise ConfigError("tls: cert and key go together")
+        if (self.client_ca or self.metrics) and not self.enabled:
+            raise ConfigError("tls.client_ca and tls.metrics need tls.cert and tls.key")
+        for name in ("cert", "key", "client_ca"):
+            path = getattr(self, name)
+            if path and not os.path.isfile(path):
+                raise ConfigError(f"tls.{name}: no such file: {path}")
+
+
+@dataclass
+class AuthConfig:
+    tokens_file: str = ""  # TOML file of [[tokens]] (format in service/auth.py)
+    tokens_env: str = "MODELPOOL_AUTH_TOKENS"  # variable holding "name=token,name=token"; "" = not read
+    max_in_flight_per_token: int = 0  # requests one token may have queued or running at once; 0 = no limit
+
+
+@dataclass
+class LimitsConfig:
+    max_receive_message_bytes: int = 4 * 1024 * 1024  # one request message, as received
+    max_chat_messages: int = 256  # chat.messages per request
+    max_stop_sequences: int = 16  # stopping.stop_sequences per request
+    max_stop_sequence_chars: int = 256  # characters of one stop sequence
+    max_concurrent_streams: int = 0  # HTTP/2 streams (calls) at once per connection; 0 = gRPC's default
 
 
 @dataclass
@@ -82,7 +122,11 @@ class ServerConfig:
     # A worker that has not loaded its model by then is killed and restarted with back-off.
     worker_load_timeout_s: float = 600.0
     default_model: str = ""
+    reflection: bool = True  # gRPC server reflection (grpcurl list/describe); off hides the schema
     models: list[ModelConfig] = field(default_factory=list)
+    tls: TLSConfig = field(default_factory=TLSConfig)
+    auth: AuthConfig = field(default_factory=AuthConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
 
     @property
     def default_model_name(self) -> str:
@@ -94,6 +138,12 @@ class ServerConfig:
         names = [m.name for m in self.models]
         if len(set(names)) != len(names):
             raise ConfigError(f"models.name: duplicate names in {names}")
+        self.tls.validate()
+        for key, value in vars(self.limits).items():
+            if value < (0 if key == "max_concurrent_streams" else 1):
+                raise ConfigError(f"limits.{key}: must be at least {0 if key == 'max_concurrent_streams' else 1}")
+        if self.auth.max_in_flight_per_token < 0:
+            raise ConfigError("auth.max_in_flight_per_token: must not be negative")
         if self.default_model and self.default_model not in names:
             raise ConfigError(f"server.default_model: {self.default_model!r} is not one of {names}")
         for m in self.models:
@@ -103,7 +153,7 @@ class ServerConfig:
             for key in ("max_batch_size", "max_batch_tokens", "default_max_new_tokens"):
                 if getattr(m, key) < 1:
                     raise ConfigError(f"{where}.{key}: must be at least 1")
-            for key in ("max_queue", "max_input_bytes"):
+            for key in ("max_queue", "max_input_bytes", "max_prompt_tokens", "max_new_tokens"):
                 if getattr(m, key) < 0:
                     raise ConfigError(f"{where}.{key}: must not be negative")
             if not m.workers:
@@ -157,9 +207,14 @@ def _build(cls, data: dict[str, Any], where: str):
 
 def from_dict(data: dict[str, Any]) -> ServerConfig:
     server = dict(data.get("server", {}))
-    unknown_top = set(data) - {"server", "models"}
+    unknown_top = set(data) - {"server", "models", "tls", "auth", "limits"}
     if unknown_top:
         raise ConfigError(f"unknown sections {sorted(unknown_top)}")
+    sections = {
+        "tls": _build(TLSConfig, dict(data.get("tls", {})), "tls"),
+        "auth": _build(AuthConfig, dict(data.get("auth", {})), "auth"),
+        "limits": _build(LimitsConfig, dict(data.get("limits", {})), "limits"),
+    }
     models = []
     for i, raw in enumerate(data.get("models", [])):
         raw = dict(raw)
@@ -167,7 +222,7 @@ def from_dict(data: dict[str, Any]) -> ServerConfig:
         if "name" not in raw:
             raise ConfigError(f"models[{i}].name: missing")
         models.append(_build(ModelConfig, {**raw, "workers": groups}, f"models[{i}]"))
-    return _build(ServerConfig, {**server, "models": models}, "server").validate()
+    return _build(ServerConfig, {**server, "models": models, **sections}, "server").validate()
 
 
 def load(path: str) -> ServerConfig:

@@ -14,8 +14,16 @@ from modelpool.v1 import generation_pb2 as pb
 from service.errors import InvalidArgument
 from workers.messages import FinishReason, SamplingParams, SequenceEvent, StoppingParams
 
-MAX_STOP_SEQUENCES = 16
-MAX_STOP_SEQUENCE_CHARS = 256
+
+@dataclass(frozen=True)
+class RequestLimits:
+    """The per-request limits that need no model ([limits] of the configuration)."""
+
+    max_chat_messages: int = 256
+    max_stop_sequences: int = 16
+    max_stop_sequence_chars: int = 256
+
+
 _ROLES = {pb.ROLE_SYSTEM: "system", pb.ROLE_USER: "user", pb.ROLE_ASSISTANT: "assistant"}
 
 
@@ -46,7 +54,9 @@ def _number(value: float, field: str, default: float, low: float, high: float = 
     return float(value)
 
 
-def parse_request(request: pb.GenerateRequest | pb.StreamGenerateRequest) -> ParsedRequest:
+def parse_request(
+    request: pb.GenerateRequest | pb.StreamGenerateRequest, limits: RequestLimits = RequestLimits()
+) -> ParsedRequest:
     """Both request messages share their fields, so one parser serves both RPCs."""
     kind = request.WhichOneof("input")
     prompt, messages = None, None
@@ -59,6 +69,11 @@ def parse_request(request: pb.GenerateRequest | pb.StreamGenerateRequest) -> Par
     else:
         if not request.chat.messages:
             raise InvalidArgument("chat.messages", "must not be empty")
+        if len(request.chat.messages) > limits.max_chat_messages:
+            raise InvalidArgument(
+                "chat.messages",
+                f"{len(request.chat.messages)} messages is more than max_chat_messages ({limits.max_chat_messages})",
+            )
         messages = []
         for i, message in enumerate(request.chat.messages):
             role = _ROLES.get(message.role)
@@ -78,13 +93,18 @@ def parse_request(request: pb.GenerateRequest | pb.StreamGenerateRequest) -> Par
 
     st = request.stopping
     stops = tuple(st.stop_sequences)
-    if len(stops) > MAX_STOP_SEQUENCES:
-        raise InvalidArgument("stopping.stop_sequences", f"at most {MAX_STOP_SEQUENCES} are allowed")
+    if len(stops) > limits.max_stop_sequences:
+        raise InvalidArgument(
+            "stopping.stop_sequences", f"at most {limits.max_stop_sequences} are allowed (max_stop_sequences)"
+        )
     for i, stop in enumerate(stops):
         if not stop:
             raise InvalidArgument(f"stopping.stop_sequences[{i}]", "must not be empty")
-        if len(stop) > MAX_STOP_SEQUENCE_CHARS:
-            raise InvalidArgument(f"stopping.stop_sequences[{i}]", f"longer than {MAX_STOP_SEQUENCE_CHARS} characters")
+        if len(stop) > limits.max_stop_sequence_chars:
+            raise InvalidArgument(
+                f"stopping.stop_sequences[{i}]",
+                f"longer than {limits.max_stop_sequence_chars} characters (max_stop_sequence_chars)",
+            )
     stopping = StoppingParams(
         max_new_tokens=st.max_new_tokens,
         min_new_tokens=st.min_new_tokens,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import socket
 import socketserver
+import ssl
 import threading
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
@@ -88,6 +89,17 @@ class _MetricsServer(socketserver.ThreadingMixIn, WSGIServer):
     daemon_threads = True
     # socketserver's default backlog of 5 drops connections when many scrapers (or probes) arrive at once.
     request_queue_size = 128
+    ssl_context: ssl.SSLContext | None = None
+
+    def finish_request(self, request, client_address):
+        # The TLS handshake runs here, on the connection's own thread, so a slow client cannot stall accepting.
+        if self.ssl_context is not None:
+            request.settimeout(10)
+            try:
+                request = self.ssl_context.wrap_socket(request, server_side=True)
+            except (OSError, ssl.SSLError):
+                return  # not TLS, or a failed handshake: nothing to answer
+        super().finish_request(request, client_address)
 
 
 class _MetricsServer6(_MetricsServer):
@@ -99,10 +111,11 @@ class _QuietHandler(WSGIRequestHandler):
         pass
 
 
-def serve(host: str, port: int) -> None:
-    """Expose /metrics over HTTP on its own port (a daemon thread)."""
+def serve(host: str, port: int, ssl_context: ssl.SSLContext | None = None) -> None:
+    """Expose /metrics over HTTP (HTTPS with `ssl_context`) on its own port (a daemon thread)."""
     server_class: type[_MetricsServer] = _MetricsServer6 if ":" in host else _MetricsServer
     server = make_server(host, port, make_wsgi_app(), server_class=server_class, handler_class=_QuietHandler)
+    server.ssl_context = ssl_context
     threading.Thread(target=server.serve_forever, daemon=True, name="metrics-http").start()
 
 

@@ -101,6 +101,12 @@ class ServedModel:
         """Apply the default max_new_tokens and check the request against the context and batch limits."""
         if prompt_tokens == 0:
             raise InvalidArgument("prompt", "tokenizes to no tokens")
+        if self.config.max_prompt_tokens and prompt_tokens > self.config.max_prompt_tokens:
+            raise InvalidArgument(
+                "prompt",
+                f"{prompt_tokens} tokens is more than max_prompt_tokens ({self.config.max_prompt_tokens}) "
+                f"of model {self.name!r}",
+            )
         room = self.context_length - prompt_tokens
         if room < 1:
             raise InvalidArgument(
@@ -112,7 +118,14 @@ class ServedModel:
                 "prompt",
                 f"{prompt_tokens} tokens leave no room under max_batch_tokens ({self.config.max_batch_tokens})",
             )
-        max_new = stopping.max_new_tokens if explicit_max else min(self.config.default_max_new_tokens, room, batch_room)
+        cap = self.config.max_new_tokens
+        if explicit_max and cap and stopping.max_new_tokens > cap:
+            raise InvalidArgument(
+                "stopping.max_new_tokens",
+                f"{stopping.max_new_tokens} is more than max_new_tokens ({cap}) of model {self.name!r}",
+            )
+        default = min(self.config.default_max_new_tokens, cap) if cap else self.config.default_max_new_tokens
+        max_new = stopping.max_new_tokens if explicit_max else min(default, room, batch_room)
         if max_new > room:
             raise InvalidArgument(
                 "stopping.max_new_tokens",

@@ -11,16 +11,21 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from service import metrics
-from service.config import ServerConfig
+from service.auth import AuthInterceptor, load_tokens
+from service.config import LimitsConfig, ServerConfig
+from service.convert import RequestLimits
 from service.dispatcher import Dispatcher
 from service.served_model import ServedModel
 from service.servicer import SERVICE_NAME, GenerationServicer, rpc_handlers
+from service.tls import CertificateFiles, metrics_ssl_context
 
 _LOGGER = logging.getLogger(__name__)
 
 
 async def serve(config: ServerConfig) -> None:
     loop = asyncio.get_running_loop()
+    # Before anything slow: a broken tokens file should fail the start at once.
+    tokens = load_tokens(config.auth)
     health_servicer = health.aio.HealthServicer()
 
     async def set_health(serving: bool) -> None:
@@ -45,24 +50,43 @@ async def serve(config: ServerConfig) -> None:
     dispatcher = Dispatcher(config, loop, on_readiness)
     dispatcher.start({name: str(model.path) for name, model in models.items()})
 
-    server = grpc.aio.server()
-    server.add_generic_rpc_handlers((rpc_handlers(GenerationServicer(models, dispatcher, config.default_model_name)),))
+    limits = config.limits
+    interceptors = []
+    if tokens:
+        interceptors.append(AuthInterceptor(tokens, config.default_model_name, config.auth.max_in_flight_per_token))
+    server = grpc.aio.server(interceptors=interceptors, options=_grpc_options(limits))
+    request_limits = RequestLimits(limits.max_chat_messages, limits.max_stop_sequences, limits.max_stop_sequence_chars)
+    servicer = GenerationServicer(models, dispatcher, config.default_model_name, request_limits)
+    server.add_generic_rpc_handlers((rpc_handlers(servicer, limits.max_receive_message_bytes),))
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection(
-        (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server
-    )
-    port = server.add_insecure_port(f"{config.host}:{config.port}")
+    if config.reflection:
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server
+        )
+    certificates = CertificateFiles(config.tls) if config.tls.enabled else None
+    listen = f"{config.host}:{config.port}"
+    if certificates is None:
+        port = server.add_insecure_port(listen)
+    else:
+        port = server.add_secure_port(listen, certificates.server_credentials())
+        loop.add_signal_handler(signal.SIGHUP, certificates.request_reload)
     if port == 0:
         raise OSError(f"cannot listen on {config.host}:{config.port}")
     address = f"{config.host}:{port}"  # the bound port, when 0 asked for any
+    metrics_tls = metrics_ssl_context(certificates) if certificates is not None and config.tls.metrics else None
     if config.metrics_port:
-        metrics.serve(config.metrics_host, config.metrics_port)
+        metrics.serve(config.metrics_host, config.metrics_port, metrics_tls)
     await server.start()
     _LOGGER.info(
-        "serving %s on %s (metrics on %s)",
+        "serving %s on %s (%s%s%s; metrics on %s)",
         ", ".join(models),
         address,
-        f"{config.metrics_host}:{config.metrics_port}/metrics" if config.metrics_port else "off",
+        "mutual TLS" if config.tls.client_ca else "TLS" if certificates else "plaintext",
+        f", token auth ({len(tokens)} tokens)" if tokens else "",
+        "" if config.reflection else ", no reflection",
+        f"{'https' if metrics_tls is not None else 'http'}://{config.metrics_host}:{config.metrics_port}/metrics"
+        if config.metrics_port
+        else "off",
     )
 
     # The first SIGTERM (or SIGINT) drains; a second one stops at once.
@@ -96,6 +120,16 @@ async def serve(config: ServerConfig) -> None:
     await server.stop(grace)
     await dispatcher.stop_workers(timeout=2.0 if stop_now.is_set() else 10.0)
     _LOGGER.info("stopped")
+
+
+def _grpc_options(limits: LimitsConfig) -> list[tuple[str, int]]:
+    # gRPC's own size check answers with a message that does not name our limit; ours (in the request
+    # deserializers) does, so gRPC's is set above it and only guards memory against a far larger message.
+    options = [("grpc.max_receive_message_length", 2 * limits.max_receive_message_bytes + 1024 * 1024)]
+    if limits.max_concurrent_streams:
+        # HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS: a client's calls beyond it wait for a free stream.
+        options.append(("grpc.max_concurrent_streams", limits.max_concurrent_streams))
+    return options
 
 
 async def _first(drain, interrupt) -> bool:

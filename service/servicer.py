@@ -20,7 +20,7 @@ from google.protobuf.message import DecodeError
 from modelpool.v1 import generation_pb2 as pb
 from service import convert, metrics
 from service.dispatcher import Dispatcher, RequestStream
-from service.errors import InvalidArgument, NotFound, code_of, quoted, status_mapped
+from service.errors import InvalidArgument, NotFound, ResourceExhausted, code_of, quoted, status_mapped
 from service.served_model import ServedModel
 
 _LOGGER = logging.getLogger(__name__)
@@ -40,8 +40,18 @@ class Undecodable:
     reason: str
 
 
-def _tolerant(message_class):
+@dataclass(frozen=True)
+class TooLarge:
+    """What a request deserializer returns for a message over `max_receive_message_bytes`."""
+
+    size: int
+    limit: int
+
+
+def _tolerant(message_class, max_bytes: int):
     def deserialize(data: bytes):
+        if len(data) > max_bytes:
+            return TooLarge(len(data), max_bytes)
         try:
             return message_class.FromString(data)
         except DecodeError as exc:
@@ -50,34 +60,42 @@ def _tolerant(message_class):
     return deserialize
 
 
-def rpc_handlers(servicer: GenerationServicer) -> grpc.GenericRpcHandler:
-    """The service's method handlers, registered like generated code would but with tolerant deserializers."""
+def rpc_handlers(servicer: GenerationServicer, max_bytes: int) -> grpc.GenericRpcHandler:
+    """The service's method handlers, registered like generated code would but with tolerant deserializers that
+    also refuse messages over `max_bytes` (with a message naming the limit, which gRPC's own check lacks)."""
     return grpc.method_handlers_generic_handler(
         SERVICE_NAME,
         {
             "Generate": grpc.unary_unary_rpc_method_handler(
-                servicer.Generate, _tolerant(pb.GenerateRequest), pb.GenerateResponse.SerializeToString
+                servicer.Generate, _tolerant(pb.GenerateRequest, max_bytes), pb.GenerateResponse.SerializeToString
             ),
             "StreamGenerate": grpc.unary_stream_rpc_method_handler(
                 servicer.StreamGenerate,
-                _tolerant(pb.StreamGenerateRequest),
+                _tolerant(pb.StreamGenerateRequest, max_bytes),
                 pb.StreamGenerateResponse.SerializeToString,
             ),
             "ListModels": grpc.unary_unary_rpc_method_handler(
-                servicer.ListModels, _tolerant(pb.ListModelsRequest), pb.ListModelsResponse.SerializeToString
+                servicer.ListModels, _tolerant(pb.ListModelsRequest, max_bytes), pb.ListModelsResponse.SerializeToString
             ),
         },
     )
 
 
 class GenerationServicer:
-    def __init__(self, models: dict[str, ServedModel], dispatcher: Dispatcher, default_model: str):
+    def __init__(
+        self,
+        models: dict[str, ServedModel],
+        dispatcher: Dispatcher,
+        default_model: str,
+        limits: convert.RequestLimits | None = None,
+    ):
         self._models = models
         self._dispatcher = dispatcher
         self._default = default_model
+        self._limits = limits or convert.RequestLimits()
 
     async def _start(self, request) -> tuple[ServedModel, RequestStream]:
-        parsed = convert.parse_request(request)
+        parsed = convert.parse_request(request, self._limits)
         name = parsed.model or self._default
         model = self._models.get(name)
         if model is None:
@@ -149,6 +167,11 @@ class GenerationServicer:
 
 
 def _refuse_undecodable(method: str, request, context) -> None:
+    if isinstance(request, TooLarge):
+        metrics.REQUESTS.labels("", method, grpc.StatusCode.RESOURCE_EXHAUSTED.name).inc()
+        raise ResourceExhausted(
+            f"request: {request.size} bytes is more than max_receive_message_bytes ({request.limit})"
+        )
     if isinstance(request, Undecodable):
         _LOGGER.info("refused an undecodable %s from %s: %s", request.message_type, context.peer(), request.reason)
         metrics.REQUESTS.labels("", method, grpc.StatusCode.INVALID_ARGUMENT.name).inc()

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import subprocess
+import sys
 import threading
 import time
 from concurrent import futures
@@ -16,6 +17,7 @@ import pytest
 from modelpool import TLS, AsyncClient, Client, ModelpoolError
 from modelpool.v1 import generation_pb2 as pb
 from modelpool.v1 import generation_pb2_grpc as pb_grpc
+from tests.certs import CertificateAuthority
 from tests.server_process import free_port
 
 
@@ -46,7 +48,7 @@ class StandIn(pb_grpc.GenerationServiceServicer):
     def StreamGenerate(self, request, context):
         self._attempt("StreamGenerate", context)
         context.add_callback(self.stream_cancelled.set)
-        for i in range(1000):
+        for i in range(3 if request.prompt == "short" else 1000):
             if not context.is_active():
                 return
             yield pb.StreamGenerateResponse(text_delta=f"{i} ")
@@ -180,19 +182,10 @@ def test_wait_for_ready_waits_for_the_server_to_come_up():
 
 
 def make_certificates(directory):
-    """A CA, a server certificate for 127.0.0.1 / localhost and a client certificate, made with openssl."""
-    def openssl(*args):
-        subprocess.run(["openssl", *args], cwd=directory, check=True, capture_output=True)
-
-    openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=test-ca",
-            "-keyout", "ca.key", "-out", "ca.pem")
-    for name, extension in (("server", "subjectAltName=IP:127.0.0.1,DNS:localhost"),
-                            ("client", "extendedKeyUsage=clientAuth")):
-        openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN={name}", "-keyout", f"{name}.key",
-                "-out", f"{name}.csr")
-        (directory / f"{name}.ext").write_text(extension + "\n")
-        openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
-                "-days", "2", "-extfile", f"{name}.ext", "-out", f"{name}.pem")
+    """A CA, a server certificate for 127.0.0.1 / localhost and a client certificate."""
+    ca = CertificateAuthority(directory, "ca")
+    for name, server in (("server", True), ("client", False)):
+        ca.issue(name, server=server)
     return directory
 
 
@@ -220,3 +213,32 @@ def test_tls_and_mutual_tls(tmp_path):
         server.stop(None)
     with pytest.raises(ValueError, match="both"):
         TLS.from_files(ca=certs / "ca.pem", cert=certs / "client.pem")
+
+
+def test_cli_connection_flags_tls_and_token(tmp_path):
+    """`modelpool generate` with --ca/--cert/--key (mutual TLS) and --token reaches a TLS server."""
+    certs = make_certificates(tmp_path)
+    credentials = grpc.ssl_server_credentials(
+        [((certs / "server.key").read_bytes(), (certs / "server.pem").read_bytes())],
+        root_certificates=(certs / "ca.pem").read_bytes(),
+        require_client_auth=True,
+    )
+    servicer = StandIn()
+    server, address = start(servicer, credentials=credentials)
+    try:
+        result = subprocess.run(
+            [sys.executable, "-m", "modelpool.cli", "generate", "short", "--raw", "--target", address,
+             "--ca", str(certs / "ca.pem"), "--cert", str(certs / "client.pem"), "--key", str(certs / "client.key"),
+             "--token", "cli-token"],
+            capture_output=True, text=True, timeout=60,
+        )
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.strip() == "0 1 2"
+        assert servicer.metadata[-1]["authorization"] == "Bearer cli-token"
+        plaintext = subprocess.run(
+            [sys.executable, "-m", "modelpool.cli", "generate", "short", "--raw", "--target", address, "--timeout", "5"],
+            capture_output=True, text=True, timeout=60,
+        )
+        assert plaintext.returncode == 1 and "modelpool: UNAVAILABLE" in plaintext.stderr
+    finally:
+        server.stop(None)

@@ -17,7 +17,10 @@ import pytest
 
 from modelpool.v1 import generation_pb2 as pb
 from service import convert
-from service.convert import MAX_STOP_SEQUENCE_CHARS, MAX_STOP_SEQUENCES, parse_request
+from service.convert import RequestLimits, parse_request
+
+MAX_STOP_SEQUENCES = RequestLimits().max_stop_sequences
+MAX_STOP_SEQUENCE_CHARS = RequestLimits().max_stop_sequence_chars
 from service.errors import InvalidArgument
 from service.worker_handle import WorkerState
 from workers.messages import FinishReason, SamplingParams, SequenceEvent, StoppingParams
@@ -238,7 +241,7 @@ def test_too_many_stop_sequences_are_refused(request_type):
     error = invalid(
         request_type(prompt="x", stopping=pb.StoppingCriteria(stop_sequences=stops)), "stopping.stop_sequences"
     )
-    assert error.message == "stopping.stop_sequences: at most 16 are allowed"
+    assert error.message == "stopping.stop_sequences: at most 16 are allowed (max_stop_sequences)"
 
 
 @pytest.mark.parametrize("request_type", REQUESTS)
@@ -247,7 +250,7 @@ def test_too_long_stop_sequence_is_refused_with_its_index(request_type):
     error = invalid(
         request_type(prompt="x", stopping=pb.StoppingCriteria(stop_sequences=stops)), "stopping.stop_sequences[1]"
     )
-    assert error.message == "stopping.stop_sequences[1]: longer than 256 characters"
+    assert error.message == "stopping.stop_sequences[1]: longer than 256 characters (max_stop_sequence_chars)"
 
 
 @pytest.mark.parametrize("request_type", REQUESTS)
@@ -457,3 +460,19 @@ def test_list_models_response_field_by_field():
 
 def test_list_models_response_without_models_is_empty():
     assert convert.list_models_response({}, {}, "tiny") == pb.ListModelsResponse()
+
+
+@pytest.mark.parametrize("request_type", REQUESTS)
+def test_configured_limits_apply(request_type):
+    limits = RequestLimits(max_chat_messages=2, max_stop_sequences=1, max_stop_sequence_chars=3)
+    chat = pb.ChatMessages(messages=[pb.ChatMessage(role=pb.ROLE_USER, content="hi")] * 3)
+    with pytest.raises(InvalidArgument) as err:
+        parse_request(request_type(chat=chat), limits)
+    assert err.value.message == "chat.messages: 3 messages is more than max_chat_messages (2)"
+    del chat.messages[2]
+    assert len(parse_request(request_type(chat=chat), limits).messages) == 2
+    with pytest.raises(InvalidArgument, match=r"at most 1 are allowed \(max_stop_sequences\)"):
+        parse_request(request_type(prompt="x", stopping=pb.StoppingCriteria(stop_sequences=["a", "b"])), limits)
+    with pytest.raises(InvalidArgument, match=r"longer than 3 characters \(max_stop_sequence_chars\)"):
+        parse_request(request_type(prompt="x", stopping=pb.StoppingCriteria(stop_sequences=["abcd"])), limits)
+    assert parse_request(request_type(prompt="x", stopping=pb.StoppingCriteria(stop_sequences=["abc"])), limits)

@@ -70,6 +70,10 @@ class Stream(Iterator[pb.StreamGenerateResponse]):
     def cancel(self) -> None:
         self._call.cancel()
 
+    def close(self) -> None:
+        """The same as `cancel()`, as for a generator."""
+        self.cancel()
+
     def __enter__(self) -> Stream:
         return self
 
@@ -104,6 +108,10 @@ class AsyncStream(AsyncIterator[pb.StreamGenerateResponse]):
 
     def cancel(self) -> None:
         self._call.cancel()
+
+    async def aclose(self) -> None:
+        """The same as `cancel()`, as for an async generator."""
+        self.cancel()
 
     async def __aenter__(self) -> AsyncStream:
         return self

@@ -8,6 +8,25 @@ metrics_port = 9090          # 0 turns /metrics off
 drain_timeout_s = 30
 worker_load_timeout_s = 600  # a worker still loading after this is killed and restarted
 default_model = "smollm2"    # default: the first model
+reflection = true            # gRPC server reflection (grpcurl list/describe)
+
+[tls]                        # TLS on the gRPC port; certificate files re-read when they change or on SIGHUP
+cert = "/etc/modelpool/server.pem"
+key = "/etc/modelpool/server.key"
+client_ca = "/etc/modelpool/clients-ca.pem"   # mutual TLS: clients need a certificate this CA signed
+metrics = false              # serve /metrics over TLS too, with the same certificate
+
+[auth]                       # bearer tokens: auth is on when any token is configured
+tokens_file = "/etc/modelpool/tokens.toml"    # [[tokens]] name, token, models, max_in_flight (service/auth.py)
+tokens_env = "MODELPOOL_AUTH_TOKENS"          # this variable may hold "name=token,name=token" too
+max_in_flight_per_token = 0  # requests one token may have queued or running; 0 = no limit
+
+[limits]
+max_receive_message_bytes = 4194304           # one request message (RESOURCE_EXHAUSTED above it)
+max_chat_messages = 256
+max_stop_sequences = 16
+max_stop_sequence_chars = 256
+max_concurrent_streams = 0   # calls at once per connection (HTTP/2); more wait for a free one; 0 = gRPC's default
 
 [[models]]
 name = "smollm2"
@@ -17,6 +36,8 @@ max_batch_tokens = 16384     # prompt + max_new_tokens of every running sequence
 max_queue = 256              # accepted requests waiting beyond the running capacity
 default_max_new_tokens = 256
 max_input_bytes = 0          # prompt or chat contents, in bytes; 0 = 32 x the context length
+max_prompt_tokens = 0        # 0 = the context length bounds it
+max_new_tokens = 0           # the most a request may ask for; 0 = the context length bounds it
 
 [[models.workers]]           # one entry per kind of worker
 devices = [0, 1]             # GPUs this worker sees (CUDA_VISIBLE_DEVICES); [] = CPU only

@@ -24,8 +24,23 @@ def free_port() -> int:
 
 class ServerProcess:
     def __init__(
-        self, args: list[str], log_path: Path, env: dict[str, str] | None = None, metrics_port: int | None = None
+        self,
+        args: list[str],
+        log_path: Path,
+        env: dict[str, str] | None = None,
+        metrics_port: int | None = None,
+        tls: Path | None = None,
+        tls_client=None,
     ):
+        """`tls`: the CA that signed a TLS server's certificate; `tls_client`: a client certificate (.cert, .key)
+        for a server that asks for one."""
+        self._credentials = None
+        if tls is not None:
+            self._credentials = grpc.ssl_channel_credentials(
+                tls.read_bytes(),
+                tls_client.key.read_bytes() if tls_client else None,
+                tls_client.cert.read_bytes() if tls_client else None,
+            )
         self.port = free_port()
         self.metrics_port = free_port() if metrics_port is None else metrics_port
         self.target = f"127.0.0.1:{self.port}"
@@ -45,7 +60,12 @@ class ServerProcess:
 
     def wait_serving(self, timeout: float = 300) -> None:
         deadline = time.monotonic() + timeout
-        with grpc.insecure_channel(self.target) as channel:
+        channel = (
+            grpc.insecure_channel(self.target)
+            if self._credentials is None
+            else grpc.secure_channel(self.target, self._credentials)
+        )
+        with channel:
             stub = health_pb2_grpc.HealthStub(channel)
             while time.monotonic() < deadline:
                 if self.proc.poll() is not None:

@@ -32,9 +32,11 @@ def go(*args: str, **env: str) -> subprocess.CompletedProcess:
     )
 
 
-def test_go_vet_is_clean():
+def test_go_vet_and_gofmt_are_clean():
     result = go("vet", "./...")
     assert result.returncode == 0, result.stdout + result.stderr
+    unformatted = subprocess.run([require("gofmt"), "-l", "."], cwd=go_workdir(), capture_output=True, text=True)
+    assert unformatted.returncode == 0 and not unformatted.stdout.strip(), f"gofmt -w: {unformatted.stdout}"
 
 
 def test_go_tests_pass_against_a_live_server(edge_server):

@@ -22,7 +22,9 @@ func System(content string) *pb.ChatMessage {
 }
 
 // User is a message of the user.
-func User(content string) *pb.ChatMessage { return &pb.ChatMessage{Role: pb.Role_ROLE_USER, Content: content} }
+func User(content string) *pb.ChatMessage {
+	return &pb.ChatMessage{Role: pb.Role_ROLE_USER, Content: content}
+}
 
 // Assistant is an earlier reply of the model.
 func Assistant(content string) *pb.ChatMessage {

@@ -27,29 +27,56 @@ func main() {
 	timeout := flag.Duration("timeout", 5*time.Minute, "deadline of the call")
 	token := flag.String("token", os.Getenv("MODELPOOL_TOKEN"), "bearer token")
 	ca := flag.String("ca", "", "PEM file of the certificate authority to trust (enables TLS)")
+	cert := flag.String("cert", "", "PEM client certificate for mutual TLS (with -key)")
+	key := flag.String("key", "", "PEM private key of -cert")
 	usage := flag.Bool("usage", false, "print token counts to stderr at the end")
 	flag.Parse()
 	if flag.NArg() == 0 {
 		fmt.Fprintln(os.Stderr, "usage: modelpool-chat [flags] message...")
 		os.Exit(2)
 	}
-	os.Exit(run(*target, *model, *system, strings.Join(flag.Args(), " "), uint32(*maxNewTokens), *timeout, *token, *ca, *usage))
+	tlsConfig, err := tlsFromFiles(*ca, *cert, *key)
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "modelpool-chat:", err)
+		os.Exit(2)
+	}
+	os.Exit(run(*target, *model, *system, strings.Join(flag.Args(), " "), uint32(*maxNewTokens), *timeout, *token, tlsConfig, *usage))
 }
 
-func run(target, model, system, message string, maxNewTokens uint32, timeout time.Duration, token, ca string, usage bool) int {
+// tlsFromFiles is nil (plaintext) without a CA; a certificate and key make it mutual TLS.
+func tlsFromFiles(ca, cert, key string) (*tls.Config, error) {
+	if ca == "" {
+		if cert != "" || key != "" {
+			return nil, fmt.Errorf("-cert and -key need -ca")
+		}
+		return nil, nil
+	}
+	pem, err := os.ReadFile(ca)
+	if err != nil {
+		return nil, err
+	}
+	roots := x509.NewCertPool()
+	if !roots.AppendCertsFromPEM(pem) {
+		return nil, fmt.Errorf("%s: no PEM certificate", ca)
+	}
+	config := &tls.Config{RootCAs: roots}
+	if cert != "" || key != "" {
+		pair, err := tls.LoadX509KeyPair(cert, key)
+		if err != nil {
+			return nil, err
+		}
+		config.Certificates = []tls.Certificate{pair}
+	}
+	return config, nil
+}
+
+func run(target, model, system, message string, maxNewTokens uint32, timeout time.Duration, token string, tlsConfig *tls.Config, usage bool) int {
 	options := []modelpool.Option{modelpool.WithTimeout(timeout)}
 	if token != "" {
 		options = append(options, modelpool.WithToken(token))
 	}
-	if ca != "" {
-		pem, err := os.ReadFile(ca)
-		if err != nil {
-			fmt.Fprintln(os.Stderr, "modelpool-chat:", err)
-			return 2
-		}
-		roots := x509.NewCertPool()
-		roots.AppendCertsFromPEM(pem)
-		options = append(options, modelpool.WithTLS(&tls.Config{RootCAs: roots}))
+	if tlsConfig != nil {
+		options = append(options, modelpool.WithTLS(tlsConfig))
 	}
 	client, err := modelpool.Dial(target, options...)
 	if err != nil {

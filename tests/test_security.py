@@ -308,10 +308,13 @@ def test_each_limit_is_refused_naming_it(secure_server, pki, call, code, message
 def test_concurrent_streams_per_connection(secure_server, pki):
     """With max_concurrent_streams = 2, a third call on one connection waits for a free stream."""
     with client(secure_server, pki) as c, client(secure_server, pki) as observer:
-        streams = [c.stream("go", model="slow", max_new_tokens=400, ignore_eos=True) for _ in range(3)]
+        streams = []
         try:
-            for stream in streams[:2]:
-                assert next(stream).token_ids
+            # One after the other, so that the first two hold the connection's two streams when the third comes.
+            for _ in range(2):
+                streams.append(c.stream("go", model="slow", max_new_tokens=400, ignore_eos=True))
+                assert next(streams[-1]).token_ids
+            streams.append(c.stream("go", model="slow", max_new_tokens=400, ignore_eos=True))
             time.sleep(1.0)  # room for the third to (wrongly) start; the assertion does not depend on its length
             assert _slow_outstanding(observer) == 2
             streams[0].cancel()

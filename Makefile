@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 HOST ?= 127.0.0.1
 PORT ?= 50051
-METRICS_PORT ?= 9090
+METRICS_PORT ?= 8002
 WORKERS ?= 1
 PYTEST_ARGS ?=
 

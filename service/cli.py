@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
 import os
 import sys
 
@@ -34,7 +33,7 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     parser.add_argument("--host", default=None, help="address to listen on (default 127.0.0.1)")
     parser.add_argument("--port", type=int, default=None, help="gRPC port (default 50051)")
     parser.add_argument("--metrics-host", default=None, help="address of /metrics (default 127.0.0.1)")
-    parser.add_argument("--metrics-port", type=int, default=None, help="Prometheus port (default 9090, 0 = off)")
+    parser.add_argument("--metrics-port", type=int, default=None, help="Prometheus port (default 8002, 0 = off)")
     parser.add_argument("--drain-timeout", type=float, default=None, help="seconds in-flight calls get on SIGTERM")
     parser.add_argument("--tls-cert", default=None, help="PEM certificate chain: serve gRPC over TLS")
     parser.add_argument("--tls-key", default=None, help="PEM private key of --tls-cert")
@@ -47,6 +46,12 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
         "--no-reflection", dest="reflection", action="store_false", default=None, help="turn server reflection off"
     )
     parser.add_argument("--log-level", default=os.environ.get("MODELPOOL_LOG_LEVEL", "INFO"))
+    parser.add_argument(
+        "--log-format",
+        choices=("text", "json"),
+        default=os.environ.get("MODELPOOL_LOG_FORMAT", "text"),
+        help="text lines, or one JSON object per line for log shippers (env MODELPOOL_LOG_FORMAT)",
+    )
     return parser
 
 
@@ -113,9 +118,9 @@ def _run_loop(main) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    logging.basicConfig(
-        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
-    )
+    from service import logs
+
+    logs.configure(args.log_level, args.log_format)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
         cfg = config_from_args(args)

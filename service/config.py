@@ -4,7 +4,7 @@
 [server]
 host = "127.0.0.1"
 port = 50051
-metrics_port = 9090          # 0 turns /metrics off
+metrics_port = 8002          # 0 turns /metrics off (8002 as Triton: 9090 is Prometheus' own)
 drain_timeout_s = 30
 worker_load_timeout_s = 600  # a worker still loading after this is killed and restarted
 default_model = "smollm2"    # default: the first model
@@ -135,7 +135,7 @@ class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 50051
     metrics_host: str = "127.0.0.1"
-    metrics_port: int = 9090
+    metrics_port: int = 8002
     drain_timeout_s: float = 30.0
     restart_backoff_s: float = 1.0
     restart_backoff_max_s: float = 30.0

@@ -81,6 +81,9 @@ class RequestStream:
         self.worker = worker
         self.timings = Timings(arrival=arrival)
         self.finished = False
+        # Usage for the access log and the trace: set at submit and by each event.
+        self.prompt_tokens = 0
+        self.completion_tokens = 0
         self._events: list[SequenceEvent] = []
         self._failure: ServiceError | None = None
         self._wakeup = asyncio.Event()
@@ -181,6 +184,8 @@ class Dispatcher:
                     spec, self._loop, self._on_message, self._on_exit, load_timeout_s=self.config.worker_load_timeout_s
                 )
                 pool.workers.append(handle)
+                # Series that read 0 from the start, so that "restarts" and "up" have data before anything happens.
+                metrics.WORKER_RESTARTS.labels(name, handle.key)
                 metrics.WORKER_UP.labels(name, handle.key).set(0)
                 handle.start()
 
@@ -207,7 +212,8 @@ class Dispatcher:
                 message.devices,
             )
             metrics.WORKER_UP.labels(model, handle.key).set(1)
-            metrics.record_memory(model, handle.key, message.memory)
+            metrics.WORKER_LOAD_SECONDS.labels(model, handle.key).set(message.load_seconds)
+            metrics.record_memory(model, handle.key, message.memory, handle.spec.cuda_visible_devices)
             self._readiness_changed()
 
     def _on_exit(self, handle: WorkerHandle) -> None:
@@ -271,6 +277,7 @@ class Dispatcher:
         request_id = next(self._ids)
         call = GenerateCall(request_id=request_id, arrival_time=time.time(), **call_args)
         stream = RequestStream(self, request_id, pool.series, worker, call.arrival_time)
+        stream.prompt_tokens = len(call.prompt_token_ids)
         self._streams[request_id] = stream
         worker.outstanding.add(request_id)
         pool.series.in_flight.inc()
@@ -280,6 +287,7 @@ class Dispatcher:
             self._retire(request_id, Outcome.FAILED)
             raise Unavailable(f"worker {worker.key} of model {pool.config.name!r} is gone; retry") from exc
         pool.series.prompt_tokens.inc(len(call.prompt_token_ids))
+        pool.series.prompt_length.observe(len(call.prompt_token_ids))
         return stream
 
     def abort(self, request_id: int) -> None:
@@ -296,7 +304,7 @@ class Dispatcher:
     def _on_step(self, handle: WorkerHandle, output: StepOutput) -> None:
         model = handle.spec.model_name
         handle.running, handle.waiting = output.running, output.waiting
-        metrics.record_step(model, handle.key, output)
+        metrics.record_step(model, handle.key, output, handle.spec.cuda_visible_devices)
         self._update_model_gauges(self.pools[model])
         now = time.time()
         for event in output.events:
@@ -304,9 +312,12 @@ class Dispatcher:
             if stream is None:
                 continue  # aborted meanwhile
             self._record_progress(stream, event, now)
+            stream.completion_tokens = max(stream.completion_tokens, event.completion_tokens)
             if event.finished:
                 stream.finished = True
                 failed = event.finish_reason is FinishReason.ERROR
+                if not failed:
+                    stream.series.generation_length.observe(event.completion_tokens)
                 self._retire(event.request_id, Outcome.FAILED if failed else Outcome.FINISHED)
             stream._put(event)
 

@@ -10,7 +10,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from service import metrics
+from service import metrics, tracing
 from service.auth import AuthInterceptor, load_tokens
 from service.config import LimitsConfig, ServerConfig
 from service.convert import RequestLimits
@@ -74,8 +74,10 @@ async def serve(config: ServerConfig) -> None:
         raise OSError(f"cannot listen on {config.host}:{config.port}")
     address = f"{config.host}:{port}"  # the bound port, when 0 asked for any
     metrics_tls = metrics_ssl_context(certificates) if certificates is not None and config.tls.metrics else None
+    metrics.record_build_info()
     if config.metrics_port:
         metrics.serve(config.metrics_host, config.metrics_port, metrics_tls)
+    tracing.configure()
     await server.start()
     _LOGGER.info(
         "serving %s on %s (%s%s%s; metrics on %s)",
@@ -119,6 +121,7 @@ async def serve(config: ServerConfig) -> None:
     grace = 1.0 if stop_now.is_set() else max(1.0, config.drain_timeout_s - (loop.time() - started))
     await server.stop(grace)
     await dispatcher.stop_workers(timeout=2.0 if stop_now.is_set() else 10.0)
+    tracing.shutdown()
     _LOGGER.info("stopped")
 
 

@@ -12,18 +12,21 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
+import uuid
 from dataclasses import dataclass
 
 import grpc
 from google.protobuf.message import DecodeError
 
 from modelpool.v1 import generation_pb2 as pb
-from service import convert, metrics
+from service import convert, logs, metrics, tracing
 from service.dispatcher import Dispatcher, RequestStream
 from service.errors import InvalidArgument, NotFound, ResourceExhausted, code_of, quoted, status_mapped
 from service.served_model import ServedModel
 
 _LOGGER = logging.getLogger(__name__)
+REQUEST_ID_KEY = "x-request-id"
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GenerationService"].full_name
 # How long a stream whose write failed (its client went away) waits for gRPC to cancel it.
 _CANCEL_WAIT_S = 5.0
@@ -94,7 +97,7 @@ class GenerationServicer:
         self._default = default_model
         self._limits = limits or convert.RequestLimits()
 
-    async def _start(self, request) -> tuple[ServedModel, RequestStream]:
+    async def _start(self, request, request_id: str) -> tuple[ServedModel, RequestStream]:
         parsed = convert.parse_request(request, self._limits)
         name = parsed.model or self._default
         model = self._models.get(name)
@@ -106,20 +109,34 @@ class GenerationServicer:
             prompt_ids = await model.encode(parsed)
             stopping = model.check_limits(len(prompt_ids), parsed.stopping, parsed.explicit_max_new_tokens)
             stream = self._dispatcher.submit(
-                ticket, {"prompt_token_ids": tuple(prompt_ids), "sampling": parsed.sampling, "stopping": stopping}
+                ticket,
+                {
+                    "prompt_token_ids": tuple(prompt_ids),
+                    "sampling": parsed.sampling,
+                    "stopping": stopping,
+                    "request_label": request_id,
+                },
             )
         finally:
             ticket.release()
         return model, stream
 
-    @contextlib.contextmanager
-    def _call(self, method: str, request, context):
-        """Counts the call by its final status and, however it ended, takes an unfinished request out of its worker."""
-        _refuse_undecodable(method, request, context)
-        name = request.model or self._default
-        call = _Call()
+    @contextlib.asynccontextmanager
+    async def _call(self, method: str, request, context):
+        """Everything around one call: its request id (sent back in the initial and trailing metadata), its
+        span, its count by final status and its access-log line; and, however it ended, an unfinished request
+        taken out of its worker."""
+        metadata = context.invocation_metadata()
+        call = _Call(request_id_of(metadata))
+        context.set_trailing_metadata(((REQUEST_ID_KEY, call.request_id),))
+        with contextlib.suppress(Exception):  # the client may be gone already; the call then ends as CANCELLED
+            await context.send_initial_metadata(((REQUEST_ID_KEY, call.request_id),))
+        span = tracing.CallSpan(method, metadata, call.request_id)
+        name = ""
         code = grpc.StatusCode.OK
         try:
+            _refuse_undecodable(method, request, context)
+            name = getattr(request, "model", "") or (self._default if method != "ListModels" else "")
             yield call
         except (asyncio.CancelledError, GeneratorExit):
             code = _cancel_code(context)
@@ -128,14 +145,31 @@ class GenerationServicer:
             code = code_of(exc)
             raise
         finally:
-            if call.stream is not None:
-                call.stream.close()
-            metrics.REQUESTS.labels(name if name in self._models else "", method, code.name).inc()
+            stream = call.stream
+            if stream is not None:
+                stream.close()
+            model = name if name in self._models else ""
+            metrics.REQUESTS.labels(model, method, code.name).inc()
+            fields = {
+                "request_id": call.request_id,
+                "method": method,
+                "model": model,
+                "code": code.name,
+                "prompt_tokens": stream.prompt_tokens if stream else 0,
+                "completion_tokens": stream.completion_tokens if stream else 0,
+                "queue_seconds": stream.timings.queue_seconds if stream else 0.0,
+                "ttft_seconds": stream.timings.time_to_first_token_seconds if stream else 0.0,
+                "total_seconds": time.time() - call.started,
+                "worker": stream.worker.key if stream else "",
+                "peer": context.peer(),
+            }
+            logs.access(fields)
+            span.finish(code.name, fields, stream.timings if stream else None)
 
     @status_mapped
     async def Generate(self, request, context):
-        with self._call("Generate", request, context) as call:
-            model, call.stream = await self._start(request)
+        async with self._call("Generate", request, context) as call:
+            model, call.stream = await self._start(request, call.request_id)
             events = await call.stream.next_events()
             while not events[-1].finished:
                 events.extend(await call.stream.next_events())
@@ -146,8 +180,8 @@ class GenerationServicer:
         # The writer API rather than an async generator: a failed write (the client went away) surfaces here,
         # where it ends the request quietly, instead of inside gRPC, which logs it as an error; and the
         # request's cleanup runs when the handler returns, not when a suspended generator is collected.
-        with self._call("StreamGenerate", request, context) as call:
-            _, call.stream = await self._start(request)
+        async with self._call("StreamGenerate", request, context) as call:
+            _, call.stream = await self._start(request, call.request_id)
             finished = False
             while not finished:
                 events = await call.stream.next_events()
@@ -160,26 +194,37 @@ class GenerationServicer:
 
     @status_mapped
     async def ListModels(self, request, context):
-        _refuse_undecodable("ListModels", request, context)
-        response = convert.list_models_response(self._models, self._dispatcher.pools, self._default)
-        metrics.REQUESTS.labels("", "ListModels", "OK").inc()
-        return response
+        async with self._call("ListModels", request, context):
+            return convert.list_models_response(self._models, self._dispatcher.pools, self._default)
 
 
 def _refuse_undecodable(method: str, request, context) -> None:
     if isinstance(request, TooLarge):
-        metrics.REQUESTS.labels("", method, grpc.StatusCode.RESOURCE_EXHAUSTED.name).inc()
         raise ResourceExhausted(
             f"request: {request.size} bytes is more than max_receive_message_bytes ({request.limit})"
         )
     if isinstance(request, Undecodable):
         _LOGGER.info("refused an undecodable %s from %s: %s", request.message_type, context.peer(), request.reason)
-        metrics.REQUESTS.labels("", method, grpc.StatusCode.INVALID_ARGUMENT.name).inc()
         raise InvalidArgument("request", f"not a valid {request.message_type}: {request.reason}")
 
 
 class _Call:
-    stream: RequestStream | None = None
+    def __init__(self, request_id: str):
+        self.request_id = request_id
+        self.started = time.time()
+        self.stream: RequestStream | None = None
+
+
+def request_id_of(metadata) -> str:
+    """The caller's x-request-id when it is a sane one (1-128 visible ASCII characters), else a new one."""
+    for key, value in metadata or ():
+        if key == REQUEST_ID_KEY and isinstance(value, str) and 0 < len(value) <= 128 and _visible_ascii(value):
+            return value
+    return uuid.uuid4().hex
+
+
+def _visible_ascii(text: str) -> bool:
+    return text.isascii() and text.isprintable() and " " not in text
 
 
 def _cancel_code(context) -> grpc.StatusCode:

@@ -31,6 +31,7 @@ class ServerProcess:
         metrics_port: int | None = None,
         tls: Path | None = None,
         tls_client=None,
+        stdout_path: Path | None = None,
     ):
         """`tls`: the CA that signed a TLS server's certificate; `tls_client`: a client certificate (.cert, .key)
         for a server that asks for one."""
@@ -51,8 +52,14 @@ class ServerProcess:
             sys.executable, "-m", "service.cli", *args,
             "--host", "127.0.0.1", "--port", str(self.port), "--metrics-port", str(self.metrics_port),
         ]
+        # stdout_path: stdout apart from the log (stderr), for what a server prints there (trace spans).
+        self._stdout = open(stdout_path, "wb") if stdout_path else None
         self.proc = subprocess.Popen(
-            command, cwd=REPO, stdout=self._log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}
+            command,
+            cwd=REPO,
+            stdout=self._stdout or self._log,
+            stderr=self._log if self._stdout else subprocess.STDOUT,
+            env={**os.environ, **(env or {})},
         )
 
     def log(self) -> str:
@@ -88,4 +95,6 @@ class ServerProcess:
                 self.proc.kill()
                 self.proc.wait()
         self._log.close()
+        if self._stdout:
+            self._stdout.close()
         return self.proc.returncode

@@ -216,11 +216,20 @@ class Engine:
         except torch.OutOfMemoryError as exc:
             batch_touched = decode or bool(self._joining)
             if not batch_touched and len(seqs) > 1:
-                _LOGGER.warning("out of memory prefilling %d sequences together; trying each alone", len(seqs))
+                _LOGGER.warning(
+                    "out of memory prefilling %d sequences together (x-request-id %s); trying each alone",
+                    len(seqs),
+                    ", ".join(seq.call.request_label or str(seq.request_id) for seq in seqs),
+                )
                 self._release_cached_memory()
                 return [e for seq in seqs for e in self._guard_oom([seq], lambda s=seq: self._prefill([s]), False)]
             failed = {seq.request_id: seq for seq in (*seqs, *(running_before if batch_touched else ()))}
-            _LOGGER.warning("out of memory in a step, failing %d sequences: %s", len(failed), exc)
+            _LOGGER.warning(
+                "out of memory in a step, failing %d sequences (x-request-id %s): %s",
+                len(failed),
+                ", ".join(seq.call.request_label or str(seq.request_id) for seq in failed.values()),
+                exc,
+            )
             if batch_touched:
                 self.running, self.batch = [], None
             self._joining = []

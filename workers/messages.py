@@ -65,6 +65,8 @@ class GenerateCall:
     stopping: StoppingParams
     # time.time() when the frontend accepted the call; used for queue time.
     arrival_time: float
+    # The call's x-request-id, for log lines about it.
+    request_label: str = ""
 
 
 @dataclass(frozen=True)
@@ -131,6 +133,8 @@ class WorkerReady:
     device_map_summary: dict[str, int]
     context_length: int
     memory: WorkerMemory
+    # Seconds from the process start to the model ready (imports, load, placement).
+    load_seconds: float = 0.0
 
 
 @dataclass(frozen=True)

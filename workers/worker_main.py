@@ -12,12 +12,14 @@ when the frontend dies, the worker reads EOF and exits at once.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import time
 import traceback
 
 from workers.faults import Faults
+from workers.json_log import JsonFormatter
 from workers.messages import (
     AbortCall,
     DeviceMemory,
@@ -32,6 +34,8 @@ from workers.messages import (
 )
 
 _LOGGER = logging.getLogger(__name__)
+# Imports of torch and transformers count in a worker's load time: they are a good part of it.
+_PROCESS_START = time.monotonic()
 
 
 def read_memory() -> WorkerMemory:
@@ -172,10 +176,14 @@ def run_worker(spec: WorkerSpec, inbox, results) -> None:
     # No progress bars in a worker's log; tqdm's bar also takes a multiprocessing lock (a named semaphore) that a
     # killed worker would leave to the resource tracker, which then warns about it at the server's exit.
     os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
-    logging.basicConfig(
-        level=os.environ.get("MODELPOOL_LOG_LEVEL", "INFO"),
-        format=f"%(asctime)s %(levelname)s worker[{spec.worker_key}] %(name)s: %(message)s",
-    )
+    handler = logging.StreamHandler()
+    if os.environ.get("MODELPOOL_LOG_FORMAT") == "json":
+        handler.setFormatter(JsonFormatter(static={"worker": spec.worker_key}))
+    else:
+        handler.setFormatter(
+            logging.Formatter(f"%(asctime)s %(levelname)s worker[{spec.worker_key}] %(name)s: %(message)s")
+        )
+    logging.basicConfig(level=os.environ.get("MODELPOOL_LOG_LEVEL", "INFO"), handlers=[handler])
     import torch
     import transformers
 
@@ -189,6 +197,7 @@ def run_worker(spec: WorkerSpec, inbox, results) -> None:
     try:
         engine, ready = load_engine(spec)
         engine.model = faults.wrap_model(engine.model)
+        ready = dataclasses.replace(ready, load_seconds=time.monotonic() - _PROCESS_START)
     except Exception as exc:  # noqa: BLE001  (reported to the frontend, which decides)
         _LOGGER.error("failed to load %s: %s", spec.model_path, traceback.format_exc())
         results.send(WorkerFailed(worker_key=spec.worker_key, error=f"{type(exc).__name__}: {exc}"))

@@ -476,3 +476,4 @@ def test_configured_limits_apply(request_type):
     with pytest.raises(InvalidArgument, match=r"longer than 3 characters \(max_stop_sequence_chars\)"):
         parse_request(request_type(prompt="x", stopping=pb.StoppingCriteria(stop_sequences=["abcd"])), limits)
     assert parse_request(request_type(prompt="x", stopping=pb.StoppingCriteria(stop_sequences=["abc"])), limits)
+

@@ -48,5 +48,7 @@ def test_server_on_gpu_reports_placement_and_memory(tiny_dir, tmp_path):
         families = {f.name: f for f in text_string_to_metric_families(text)}
         for name in ("modelpool_gpu_memory_allocated_bytes", "modelpool_gpu_memory_total_bytes"):
             assert any(s.value > 0 for s in families[name].samples), name
+            # cuda:0 of a worker given CUDA_VISIBLE_DEVICES=0 is physical GPU 0.
+            assert {(s.labels["device"], s.labels["gpu"]) for s in families[name].samples} == {("cuda:0", "0")}
     finally:
         proc.stop()

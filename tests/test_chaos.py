@@ -352,10 +352,16 @@ def test_out_of_memory_fails_only_its_request(chaos_server):
         with concurrent.futures.ThreadPoolExecutor(8) as pool:
             outcomes = list(pool.map(lambda r: _stream_outcome(stub, r), [short, long] * 4))
         try:
-            list(stub.StreamGenerate(long, timeout=60))
+            list(stub.StreamGenerate(long, timeout=60, metadata=[("x-request-id", "oom-request-7")]))
             raise AssertionError("no out of memory")
         except grpc.RpcError as error:
             assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "out of memory" in error.details()
+        # The request id reached the worker: its log line about the failure names it.
+        wait_until(
+            lambda: any("worker[oom/0]" in line and "oom-request-7" in line for line in chaos_server.log().splitlines()),
+            30,
+            "the worker's log line naming the request",
+        )
     codes = [code for code, _ in outcomes]
     figures.record("out of memory in a step", sent=8, by_status=figures.count_codes(codes), hung=0, worker_restarts=0)
     assert codes == ["OK", "RESOURCE_EXHAUSTED"] * 4

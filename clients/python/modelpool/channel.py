@@ -54,9 +54,12 @@ class TLS:
         return [("grpc.ssl_target_name_override", self.server_name)] if self.server_name else []
 
 
-def retry_service_config(max_attempts: int) -> str:
-    """A service config that retries the unary calls on UNAVAILABLE with exponential back-off, and only them."""
+def retry_service_config(max_attempts: int, load_balancing: str | None = None) -> str:
+    """A service config that retries the unary calls on UNAVAILABLE with exponential back-off, and only them;
+    with `load_balancing` ("round_robin", "pick_first") as the channel's policy over the target's addresses."""
     config: dict[str, Any] = {"methodConfig": []}
+    if load_balancing:
+        config["loadBalancingConfig"] = [{load_balancing: {}}]
     if max_attempts > 1:
         config["methodConfig"].append(
             {
@@ -73,10 +76,12 @@ def retry_service_config(max_attempts: int) -> str:
     return json.dumps(config)
 
 
-def channel_options(attempts: int, tls: TLS | None, extra: ChannelOptions) -> list[tuple[str, Any]]:
+def channel_options(
+    attempts: int, tls: TLS | None, extra: ChannelOptions, load_balancing: str | None = None
+) -> list[tuple[str, Any]]:
     options: list[tuple[str, Any]] = [
         ("grpc.enable_retries", 1 if attempts > 1 else 0),
-        ("grpc.service_config", retry_service_config(attempts)),
+        ("grpc.service_config", retry_service_config(attempts, load_balancing)),
         # Long prompts and replies: the server accepts requests larger than gRPC's 4 MiB default.
         ("grpc.max_receive_message_length", 64 * 1024 * 1024),
     ]

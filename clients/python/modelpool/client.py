@@ -131,7 +131,9 @@ class Client:
     `timeout`: default deadline of each call in seconds; `wait_for_ready`: queue calls while the channel is not
     yet connected instead of failing at once; `tls`: True (system roots) or a `TLS`; `token`: sent as
     `authorization: Bearer <token>`; `metadata`: sent with every call; `retries`: attempts in all for unary
-    calls answered UNAVAILABLE (1 = none, gRPC caps it at 5); `options`: extra gRPC channel options."""
+    calls answered UNAVAILABLE (1 = none, gRPC caps it at 5); `load_balancing`: gRPC's policy over the target's
+    addresses, e.g. "round_robin" with `dns:///modelpool.ns.svc:50051` (a headless Service) or
+    `ipv4:10.0.0.1:50051,10.0.0.2:50051`; `options`: extra gRPC channel options."""
 
     def __init__(
         self,
@@ -143,11 +145,13 @@ class Client:
         token: str | None = None,
         metadata: Metadata = (),
         retries: int = DEFAULT_ATTEMPTS,
+        load_balancing: str | None = None,
         options: ChannelOptions = (),
         channel: grpc.Channel | None = None,
     ) -> None:
         security = as_tls(tls)
-        self._channel = channel or sync_channel(target, security, channel_options(retries, security, options))
+        options = channel_options(retries, security, options, load_balancing)
+        self._channel = channel or sync_channel(target, security, options)
         self._stub = pb_grpc.GenerationServiceStub(self._channel)
         self._settings = _CallSettings(timeout, wait_for_ready, token, metadata)
 
@@ -233,11 +237,13 @@ class AsyncClient:
         token: str | None = None,
         metadata: Metadata = (),
         retries: int = DEFAULT_ATTEMPTS,
+        load_balancing: str | None = None,
         options: ChannelOptions = (),
         channel: grpc.aio.Channel | None = None,
     ) -> None:
         security = as_tls(tls)
-        self._channel = channel or aio_channel(target, security, channel_options(retries, security, options))
+        options = channel_options(retries, security, options, load_balancing)
+        self._channel = channel or aio_channel(target, security, options)
         self._stub = pb_grpc.GenerationServiceStub(self._channel)
         self._settings = _CallSettings(timeout, wait_for_ready, token, metadata)
 

@@ -9,6 +9,7 @@ import pytest
 
 from modelpool import Client
 from tests import figures, tiny_model
+from tests.helpers import SLOW_FAULT, tiny_and_slow_models
 from tests.server_process import REPO, ServerProcess
 from workers.faults import ENV as FAULTS_ENV
 
@@ -157,24 +158,13 @@ def edge_server(tmp_path_factory, tiny_dir):
     tmp = tmp_path_factory.mktemp("edge")
     config = write_config(
         tmp / "modelpool.toml",
-        f"""
+        """
         [server]
         default_model = "tiny"
-
-        [[models]]
-        name = "tiny"
-        source = "{tiny_dir}"
-        [[models.workers]]
-        threads = 1
-
-        [[models]]
-        name = "slow"
-        source = "{tiny_dir}"
-        [[models.workers]]
-        threads = 1
-        """,
+        """
+        + tiny_and_slow_models(tiny_dir),
     )
-    proc = ServerProcess(["--config", str(config)], tmp / "server.log", env={FAULTS_ENV: "slow:slow_step_ms=200"})
+    proc = ServerProcess(["--config", str(config)], tmp / "server.log", env={FAULTS_ENV: SLOW_FAULT})
     try:
         proc.wait_serving()
         yield proc

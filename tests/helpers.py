@@ -67,3 +67,26 @@ def metric(server, name: str, **labels) -> float:
             if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
                 return sample.value
     return 0.0
+
+
+# The `slow` model of the client, security and observability servers: every forward pass 200 ms longer, so that a
+# 400-token stream would run for minutes and a test sees that cancelling it is what frees its slot.
+SLOW_FAULT = "slow:slow_step_ms=200"
+
+
+def tiny_and_slow_models(tiny_dir, tiny_extra: str = "") -> str:
+    """TOML of two one-worker models on the tiny checkpoint: `tiny` (with `tiny_extra` keys) and `slow`."""
+    extra = "".join(f"\n{line.strip()}" for line in tiny_extra.strip().splitlines())
+    return f"""
+[[models]]
+name = "tiny"
+source = "{tiny_dir}"{extra}
+[[models.workers]]
+threads = 1
+
+[[models]]
+name = "slow"
+source = "{tiny_dir}"
+[[models.workers]]
+threads = 1
+"""

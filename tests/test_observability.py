@@ -19,7 +19,7 @@ import yaml
 from modelpool import build_request
 from modelpool.v1 import generation_pb2 as pb
 from modelpool.v1 import generation_pb2_grpc as pb_grpc
-from tests.helpers import wait_until
+from tests.helpers import SLOW_FAULT, tiny_and_slow_models, wait_until
 from tests.server_process import REPO, ServerProcess, free_port
 from tests.tools import require
 from workers.faults import ENV as FAULTS_ENV
@@ -39,25 +39,14 @@ def obs_server(tmp_path_factory, tiny_dir):
         [server]
         default_model = "tiny"
         memory_interval_s = 0.5
-
-        [[models]]
-        name = "tiny"
-        source = "{tiny_dir}"
-        [[models.workers]]
-        threads = 1
-
-        [[models]]
-        name = "slow"
-        source = "{tiny_dir}"
-        [[models.workers]]
-        threads = 1
         """)
+        + tiny_and_slow_models(tiny_dir)
     )
     proc = ServerProcess(
         ["--config", str(config), "--log-format", "json"],
         tmp / "server.log",
         env={
-            FAULTS_ENV: "slow:slow_step_ms=200",
+            FAULTS_ENV: SLOW_FAULT,
             "OTEL_TRACES_EXPORTER": "console",
             "OTEL_SERVICE_NAME": "modelpool-test",
             "OTEL_BSP_SCHEDULE_DELAY": "200",

@@ -19,7 +19,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from modelpool import TLS, Client, ModelpoolError
 from tests.certs import CertificateAuthority
-from tests.helpers import wait_until
+from tests.helpers import SLOW_FAULT, tiny_and_slow_models, wait_until
 from tests.server_process import ServerProcess
 from tests.tools import go_env, go_workdir, require
 from workers.faults import ENV as FAULTS_ENV
@@ -89,26 +89,13 @@ def secure_server(tmp_path_factory, tiny_dir, pki):
         max_stop_sequences = 2
         max_stop_sequence_chars = 8
         max_concurrent_streams = 2
-
-        [[models]]
-        name = "tiny"
-        source = "{tiny_dir}"
-        max_prompt_tokens = 32
-        max_new_tokens = 16
-        [[models.workers]]
-        threads = 1
-
-        [[models]]
-        name = "slow"
-        source = "{tiny_dir}"
-        [[models.workers]]
-        threads = 1
         """)
+        + tiny_and_slow_models(tiny_dir, "max_prompt_tokens = 32\nmax_new_tokens = 16")
     )
     proc = ServerProcess(
         ["--config", str(config)],
         tmp / "server.log",
-        env={FAULTS_ENV: "slow:slow_step_ms=200", "MODELPOOL_AUTH_TOKENS": f"env-token={ENV_TOKEN}"},
+        env={FAULTS_ENV: SLOW_FAULT, "MODELPOOL_AUTH_TOKENS": f"env-token={ENV_TOKEN}"},
         tls=pki["ca"].pem,
         tls_client=pki["client"],
     )

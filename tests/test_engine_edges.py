@@ -215,16 +215,16 @@ def test_row_sampling_of_a_sequence():
     e.add(_plain_call(2, 3, 10, ignore_eos=True))
     penalized, plain = e.waiting
     penalized.generated, plain.generated = [7], [7, 8, 9]
-    r = penalized.row_sampling(e.eos_token_ids)
+    r = penalized.row_sampling()
     assert r.params is penalized.call.sampling and r.generator is None
     assert tuple(r.seen_token_ids) == (10, 11, 12, 7) and r.suppress_eos is True  # 1 token < min_new_tokens 2
     penalized.generated = [7, 8]
-    assert penalized.row_sampling(e.eos_token_ids).suppress_eos is False
-    r = plain.row_sampling(e.eos_token_ids)
+    assert penalized.row_sampling().suppress_eos is False
+    r = plain.row_sampling()
     assert tuple(r.seen_token_ids) == () and r.suppress_eos is True  # no penalty: nothing to track; ignore_eos
     plain.call = _plain_call(2, 3, 10, repetition_penalty=2.0)
-    assert tuple(plain.row_sampling(e.eos_token_ids).seen_token_ids) == (10, 11, 12, 7, 8, 9)
-    assert plain.row_sampling(e.eos_token_ids).suppress_eos is False
+    assert tuple(plain.row_sampling().seen_token_ids) == (10, 11, 12, 7, 8, 9)
+    assert plain.row_sampling().suppress_eos is False
 
 
 def test_out_of_memory_prefilling_newcomers_together_retries_them_one_by_one(engine):  # noqa: F811

@@ -44,7 +44,7 @@ class Sequence:
         """Tokens this sequence may hold at most: what the batch-token limit counts."""
         return len(self.call.prompt_token_ids) + self.call.stopping.max_new_tokens
 
-    def row_sampling(self, eos_ids: frozenset[int]) -> RowSampling:
+    def row_sampling(self) -> RowSampling:
         stopping = self.call.stopping
         return RowSampling(
             params=self.call.sampling,
@@ -247,7 +247,7 @@ class Engine:
     # ------------------------------------------------------------ per-token bookkeeping
 
     def _accept_tokens(self, seqs: list[Sequence], logits: torch.Tensor) -> tuple[list[SequenceEvent], list[int]]:
-        tokens = sample_next_tokens(logits, [seq.row_sampling(self.eos_token_ids) for seq in seqs], self._eos_list)
+        tokens = sample_next_tokens(logits, [seq.row_sampling() for seq in seqs], self._eos_list)
         events, keep = [], []
         for row, (seq, token) in enumerate(zip(seqs, tokens, strict=True)):
             event = self._advance(seq, token)

@@ -94,9 +94,9 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         self._default_limit = max_in_flight_per_token
         self.in_flight: Counter[str] = Counter()
 
-    def identify(self, metadata) -> Token | None:
-        presented = next((value for key, value in metadata or () if key == "authorization"), None)
-        if not isinstance(presented, str) or not presented.startswith("Bearer "):
+    def identify(self, presented: str) -> Token | None:
+        """The token whose secret an `authorization` header value carries, or None."""
+        if not presented.startswith("Bearer "):
             return None
         secret = presented[len("Bearer ") :].encode()
         found = None
@@ -111,10 +111,11 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         method = handler_call_details.method
         if handler is None or method.startswith(_OPEN_PREFIXES):
             return handler
-        metadata = handler_call_details.invocation_metadata
-        if not any(key == "authorization" for key, _ in metadata or ()):
+        metadata = handler_call_details.invocation_metadata or ()
+        presented = next((value for key, value in metadata if key == "authorization"), None)
+        if presented is None:
             return _refusal(handler, grpc.StatusCode.UNAUTHENTICATED, "authorization: a Bearer token is required")
-        token = self.identify(metadata)
+        token = self.identify(presented) if isinstance(presented, str) else None
         if token is None:
             return _refusal(handler, grpc.StatusCode.UNAUTHENTICATED, "authorization: the token is not valid")
         if method in _MODEL_METHODS:
@@ -145,8 +146,8 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
             finally:
                 self.in_flight[token.name] -= 1
 
-        kind = grpc.unary_unary_rpc_method_handler if handler.unary_unary else grpc.unary_stream_rpc_method_handler
-        return kind(behavior, handler.request_deserializer, handler.response_serializer)
+        make = _HANDLER_KINDS[(False, bool(handler.response_streaming))]
+        return make(behavior, handler.request_deserializer, handler.response_serializer)
 
 
 def _refusal(handler: grpc.RpcMethodHandler, code: grpc.StatusCode, message: str) -> grpc.RpcMethodHandler:
@@ -155,10 +156,14 @@ def _refusal(handler: grpc.RpcMethodHandler, code: grpc.StatusCode, message: str
     async def refuse(request_or_iterator, context):
         await context.abort(code, message)
 
-    if handler.request_streaming and handler.response_streaming:
-        return grpc.stream_stream_rpc_method_handler(refuse, handler.request_deserializer, handler.response_serializer)
-    if handler.request_streaming:
-        return grpc.stream_unary_rpc_method_handler(refuse, handler.request_deserializer, handler.response_serializer)
-    if handler.response_streaming:
-        return grpc.unary_stream_rpc_method_handler(refuse, handler.request_deserializer, handler.response_serializer)
-    return grpc.unary_unary_rpc_method_handler(refuse, handler.request_deserializer, handler.response_serializer)
+    make = _HANDLER_KINDS[(bool(handler.request_streaming), bool(handler.response_streaming))]
+    return make(refuse, handler.request_deserializer, handler.response_serializer)
+
+
+# A method handler's constructor by (request streaming, response streaming).
+_HANDLER_KINDS = {
+    (False, False): grpc.unary_unary_rpc_method_handler,
+    (False, True): grpc.unary_stream_rpc_method_handler,
+    (True, False): grpc.stream_unary_rpc_method_handler,
+    (True, True): grpc.stream_stream_rpc_method_handler,
+}

@@ -277,7 +277,7 @@ class Dispatcher:
         request_id = next(self._ids)
         call = GenerateCall(request_id=request_id, arrival_time=time.time(), **call_args)
         stream = RequestStream(self, request_id, pool.series, worker, call.arrival_time)
-        stream.prompt_tokens = len(call.prompt_token_ids)
+        stream.prompt_tokens = prompt_tokens = len(call.prompt_token_ids)
         self._streams[request_id] = stream
         worker.outstanding.add(request_id)
         pool.series.in_flight.inc()
@@ -286,8 +286,8 @@ class Dispatcher:
         except InboxClosed as exc:
             self._retire(request_id, Outcome.FAILED)
             raise Unavailable(f"worker {worker.key} of model {pool.config.name!r} is gone; retry") from exc
-        pool.series.prompt_tokens.inc(len(call.prompt_token_ids))
-        pool.series.prompt_length.observe(len(call.prompt_token_ids))
+        pool.series.prompt_tokens.inc(prompt_tokens)
+        pool.series.prompt_length.observe(prompt_tokens)
         return stream
 
     def abort(self, request_id: int) -> None:

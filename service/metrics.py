@@ -6,10 +6,15 @@ seconds and bytes, counters end in `_total`.
 
 from __future__ import annotations
 
+import importlib.metadata
+import os
+import platform
 import socket
 import socketserver
 import ssl
+import subprocess
 import threading
+from pathlib import Path
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from prometheus_client import Counter, Gauge, Histogram, disable_created_metrics, make_wsgi_app
@@ -171,11 +176,6 @@ def record_memory(model: str, worker: str, memory: WorkerMemory, cuda_visible_de
 def record_build_info() -> None:
     """modelpool_build_info: versions from package metadata (nothing imported for it) and the git commit where
     the code runs from a checkout, or MODELPOOL_GIT_COMMIT (set by an image build)."""
-    import importlib.metadata
-    import os
-    import platform
-    import subprocess
-    from pathlib import Path
 
     def version(package: str) -> str:
         try:

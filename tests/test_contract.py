@@ -52,6 +52,15 @@ def test_buf_breaking_fails_on_a_broken_copy(tmp_path, change, old, new, complai
     assert complaint in result.stdout + result.stderr
 
 
+def assert_same_as_committed(generated_root, client: str, names) -> None:
+    """Each freshly generated stub under `generated_root` equals the one committed under `client`."""
+    for name in names:
+        committed = REPO / client / "modelpool" / "v1" / name
+        assert filecmp.cmp(generated_root / "modelpool" / "v1" / name, committed, shallow=False), (
+            f"{client}/modelpool/v1/{name} is stale: run `make proto`"
+        )
+
+
 def test_python_stubs_are_fresh(tmp_path):
     subprocess.run(
         [
@@ -64,11 +73,7 @@ def test_python_stubs_are_fresh(tmp_path):
         cwd=REPO,
         check=True,
     )
-    committed = REPO / "clients" / "python" / "modelpool" / "v1"
-    for name in PYTHON_STUBS:
-        assert filecmp.cmp(tmp_path / "modelpool" / "v1" / name, committed / name, shallow=False), (
-            f"clients/python/modelpool/v1/{name} is stale: run `make proto`"
-        )
+    assert_same_as_committed(tmp_path, "clients/python", PYTHON_STUBS)
 
 
 def test_go_stubs_are_fresh(tmp_path):
@@ -82,8 +87,4 @@ def test_go_stubs_are_fresh(tmp_path):
         cwd=REPO,
         check=True,
     )
-    committed = REPO / "clients" / "go" / "modelpool" / "v1"
-    for name in GO_STUBS:
-        assert filecmp.cmp(tmp_path / "modelpool" / "v1" / name, committed / name, shallow=False), (
-            f"clients/go/modelpool/v1/{name} is stale: run `make proto`"
-        )
+    assert_same_as_committed(tmp_path, "clients/go", GO_STUBS)

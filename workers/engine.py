@@ -40,6 +40,11 @@ class Sequence:
         return self.call.request_id
 
     @property
+    def label(self) -> str:
+        """How log lines name the request: the caller's x-request-id, else the frontend's number."""
+        return self.call.request_label or str(self.request_id)
+
+    @property
     def reserved_tokens(self) -> int:
         """Tokens this sequence may hold at most: what the batch-token limit counts."""
         return len(self.call.prompt_token_ids) + self.call.stopping.max_new_tokens
@@ -219,7 +224,7 @@ class Engine:
                 _LOGGER.warning(
                     "out of memory prefilling %d sequences together (x-request-id %s); trying each alone",
                     len(seqs),
-                    ", ".join(seq.call.request_label or str(seq.request_id) for seq in seqs),
+                    ", ".join(seq.label for seq in seqs),
                 )
                 self._release_cached_memory()
                 return [e for seq in seqs for e in self._guard_oom([seq], lambda s=seq: self._prefill([s]), False)]
@@ -227,7 +232,7 @@ class Engine:
             _LOGGER.warning(
                 "out of memory in a step, failing %d sequences (x-request-id %s): %s",
                 len(failed),
-                ", ".join(seq.call.request_label or str(seq.request_id) for seq in failed.values()),
+                ", ".join(seq.label for seq in failed.values()),
                 exc,
             )
             if batch_touched:

@@ -127,10 +127,8 @@ class GenerationServicer:
         span, its count by final status and its access-log line; and, however it ended, an unfinished request
         taken out of its worker."""
         metadata = context.invocation_metadata()
-        call = _Call(request_id_of(metadata))
+        call = _Call(request_id_of(metadata), context)
         context.set_trailing_metadata(((REQUEST_ID_KEY, call.request_id),))
-        with contextlib.suppress(Exception):  # the client may be gone already; the call then ends as CANCELLED
-            await context.send_initial_metadata(((REQUEST_ID_KEY, call.request_id),))
         span = tracing.CallSpan(method, metadata, call.request_id)
         name = ""
         code = grpc.StatusCode.OK
@@ -173,6 +171,7 @@ class GenerationServicer:
             events = await call.stream.next_events()
             while not events[-1].finished:
                 events.extend(await call.stream.next_events())
+            await call.send_headers()
             return convert.generate_response(model.name, events, call.stream.timings)
 
     @status_mapped
@@ -186,6 +185,7 @@ class GenerationServicer:
             while not finished:
                 events = await call.stream.next_events()
                 finished = events[-1].finished
+                await call.send_headers()
                 try:
                     await context.write(convert.stream_response(events, call.stream.timings))
                 except Exception:  # noqa: BLE001  (the call is over on the client's side)
@@ -194,7 +194,8 @@ class GenerationServicer:
 
     @status_mapped
     async def ListModels(self, request, context):
-        async with self._call("ListModels", request, context):
+        async with self._call("ListModels", request, context) as call:
+            await call.send_headers()
             return convert.list_models_response(self._models, self._dispatcher.pools, self._default)
 
 
@@ -209,10 +210,22 @@ def _refuse_undecodable(method: str, request, context) -> None:
 
 
 class _Call:
-    def __init__(self, request_id: str):
+    def __init__(self, request_id: str, context):
         self.request_id = request_id
         self.started = time.time()
         self.stream: RequestStream | None = None
+        self._context = context
+        self._headers_sent = False
+
+    async def send_headers(self) -> None:
+        """The response headers (with the request id) go out with the first response message, never before:
+        a call refused or failed before any output then ends trailers-only, which is what lets gRPC's retry
+        policy send it again (a client commits a call once it has seen headers, gRFC A6)."""
+        if self._headers_sent:
+            return
+        self._headers_sent = True
+        with contextlib.suppress(Exception):  # the client may be gone already; the call then ends as CANCELLED
+            await self._context.send_initial_metadata(((REQUEST_ID_KEY, self.request_id),))
 
 
 def request_id_of(metadata) -> str:

@@ -24,8 +24,9 @@ from tests.server_process import free_port
 class StandIn(pb_grpc.GenerationServiceServicer):
     """Fails the first `fail_first` calls of each method with UNAVAILABLE, then answers; records metadata."""
 
-    def __init__(self, fail_first: int = 0):
+    def __init__(self, fail_first: int = 0, code: grpc.StatusCode = grpc.StatusCode.UNAVAILABLE):
         self.fail_first = fail_first
+        self.code = code
         self.attempts = {"Generate": 0, "StreamGenerate": 0, "ListModels": 0}
         self.metadata: list[dict[str, str]] = []
         self.stream_cancelled = threading.Event()
@@ -37,7 +38,7 @@ class StandIn(pb_grpc.GenerationServiceServicer):
             self.metadata.append(dict(context.invocation_metadata()))
             failing = self.attempts[method] <= self.fail_first
         if failing:
-            context.abort(grpc.StatusCode.UNAVAILABLE, f"{method}: not yet")
+            context.abort(self.code, f"{method}: not yet")
 
     def Generate(self, request, context):
         self._attempt("Generate", context)
@@ -86,6 +87,28 @@ def test_unary_calls_are_retried_on_unavailable_by_grpc(stand_in):
         assert client.generate("hi").text == "echo hi"
         assert client.models()[0].name == "stand-in"
     assert servicer.attempts["Generate"] == 3 and servicer.attempts["ListModels"] == 3
+
+
+@pytest.mark.parametrize(
+    ("code", "attempts"),
+    [
+        (grpc.StatusCode.CANCELLED, 3),  # what a stopping server answers for calls it had not handed out yet
+        (grpc.StatusCode.RESOURCE_EXHAUSTED, 1),
+        (grpc.StatusCode.INVALID_ARGUMENT, 1),
+    ],
+)
+def test_which_codes_are_retried(code, attempts):
+    servicer = StandIn(fail_first=2, code=code)
+    server, address = start(servicer)
+    try:
+        with Client(address, timeout=30, retries=3) as client:
+            try:
+                client.generate("hi")
+            except ModelpoolError as error:
+                assert error.code == code
+    finally:
+        server.stop(None)
+    assert servicer.attempts["Generate"] == attempts
 
 
 def test_no_retries_when_asked_and_one_exception_type(stand_in):

@@ -13,12 +13,12 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from modelpool import build_request
+from modelpool import Client, ModelpoolError, build_request
 from modelpool.v1 import generation_pb2 as pb
 from modelpool.v1 import generation_pb2_grpc as pb_grpc
 from service import cli as serve_cli
 from tests.conftest import write_config
-from tests.helpers import model_info, wait_until
+from tests.helpers import metric, model_info, wait_until
 from tests.server_process import REPO, ServerProcess
 from workers import builtin_model
 
@@ -158,6 +158,15 @@ def test_a_model_that_fails_to_load_is_retried_with_back_off(tmp_path, tiny_dir)
             with pytest.raises(grpc.RpcError) as err:
                 pb_grpc.GenerationServiceStub(channel).Generate(build_request(prompt="x"), timeout=10)
         assert err.value.code() == grpc.StatusCode.UNAVAILABLE and "no worker of model 'broken'" in err.value.details()
+        # The refusal is trailers-only (no response headers yet), so gRPC's retry policy in the client does
+        # send it again: three attempts reach the server, and the request id still comes back, in the trailers.
+        refused = {"model": "broken", "method": "Generate", "code": "UNAVAILABLE"}
+        before = metric(proc, "modelpool_requests_total", **refused)
+        with Client(proc.target, timeout=30, retries=3) as client, pytest.raises(ModelpoolError) as err:
+            client.generate("x", metadata=[("x-request-id", "refused-1")])
+        assert err.value.code == grpc.StatusCode.UNAVAILABLE
+        assert metric(proc, "modelpool_requests_total", **refused) == before + 3
+        assert err.value.request_id == "refused-1"
         delays = [line.rsplit(" in ", 1)[1] for line in proc.log().splitlines() if "restarting worker broken/0 in" in line]
         assert delays[:3] == ["0.5 s", "1.0 s", "2.0 s"], delays
         proc.proc.send_signal(signal.SIGTERM)

@@ -14,6 +14,11 @@ SERVICE = "modelpool.v1.GenerationService"
 # Calls that gRPC may send again when the server answers UNAVAILABLE (draining, no worker ready, a worker died).
 # StreamGenerate is left out: a stream may already have delivered text that a retry would repeat.
 RETRIED_METHODS = ("Generate", "ListModels")
+# The server sends its response headers only with the first response, so a refusal is trailers-only and gRPC
+# may retry it. CANCELLED too: a server that is stopping answers calls it had queued but not yet handed to a
+# handler with CANCELLED instead of UNAVAILABLE (grpc/grpc#41785); a call the caller cancelled, or whose
+# deadline passed, is never retried.
+RETRYABLE_CODES = ("UNAVAILABLE", "CANCELLED")
 # gRPC itself caps maxAttempts at 5.
 MAX_ATTEMPTS_CAP = 5
 
@@ -56,10 +61,13 @@ class TLS:
 
 def retry_service_config(max_attempts: int, load_balancing: str | None = None) -> str:
     """A service config that retries the unary calls on UNAVAILABLE with exponential back-off, and only them;
-    with `load_balancing` ("round_robin", "pick_first") as the channel's policy over the target's addresses."""
+    with `load_balancing` ("round_robin", "pick_first") as the channel's policy over the target's addresses,
+    and gRPC's client-side health checking (grpc.health.v1 Watch), so that a replica that is draining or has
+    no worker ready (NOT_SERVING) gets no new calls while the others are up."""
     config: dict[str, Any] = {"methodConfig": []}
     if load_balancing:
         config["loadBalancingConfig"] = [{load_balancing: {}}]
+        config["healthCheckConfig"] = {"serviceName": ""}
     if max_attempts > 1:
         config["methodConfig"].append(
             {
@@ -69,7 +77,7 @@ def retry_service_config(max_attempts: int, load_balancing: str | None = None) -
                     "initialBackoff": "0.2s",
                     "maxBackoff": "2s",
                     "backoffMultiplier": 2,
-                    "retryableStatusCodes": ["UNAVAILABLE"],
+                    "retryableStatusCodes": list(RETRYABLE_CODES),
                 },
             }
         )

@@ -6,8 +6,9 @@
         for piece in client.stream("Once upon a time", max_new_tokens=32):
             print(piece.text_delta, end="", flush=True)
 
-Every failed call raises `ModelpoolError` (status code and message). Unary calls are retried on UNAVAILABLE by
-gRPC's own retry policy (`retries` attempts in all); streams never are. Breaking out of a stream, or dropping
+Every failed call raises `ModelpoolError` (status code, message, request id). Unary calls are retried on
+UNAVAILABLE (and CANCELLED, see `channel.RETRYABLE_CODES`) by gRPC's own retry policy (`retries` attempts in all);
+streams never are. Breaking out of a stream, or dropping
 it, cancels the call, which frees its slot on the server.
 """
 

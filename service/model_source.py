@@ -12,37 +12,33 @@ frontend, before any worker starts.
 from __future__ import annotations
 
 import logging
-import os
 import subprocess
 import sys
 from pathlib import Path
 
+from service.sources import hub, modelscope
+from service.sources.errors import ModelSourceError
 from workers import builtin_model
 
+__all__ = ["ModelSourceError", "resolve"]
+
 _LOGGER = logging.getLogger(__name__)
-
-# Only what a causal LM needs; skips other frameworks' weights (.bin/.h5/.onnx/.gguf) in the repo.
-_HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.py", "*.tiktoken"]
-
-
-class ModelSourceError(RuntimeError):
-    """The model could not be found or fetched; the message says which and why."""
 
 
 def resolve(source: str, revision: str | None = None) -> Path:
     if source == "builtin":
         return _builtin()
     if source.startswith("modelscope:"):
-        return _modelscope(source.removeprefix("modelscope:"), revision)
+        return modelscope.resolve(source.removeprefix("modelscope:"), revision)
     if source.startswith("hf:"):
-        return _hub(source.removeprefix("hf:"), revision)
+        return hub.resolve(source.removeprefix("hf:"), revision)
     path = Path(source).expanduser()
     if path.exists():
         if not (path / "config.json").is_file():
             raise ModelSourceError(f"{source}: a model folder needs a config.json (what save_pretrained writes)")
         return path.resolve()
     if source.count("/") == 1 and not source.startswith((".", "/", "~")):
-        return _hub(source, revision)
+        return hub.resolve(source, revision)
     raise ModelSourceError(f"{source}: no such folder, and not a hub id (org/name)")
 
 
@@ -60,29 +56,3 @@ def _builtin() -> Path:
     if result.returncode != 0:
         raise ModelSourceError(f"builtin: conversion failed: {result.stderr.strip()[-2000:]}")
     return Path(result.stdout.strip().splitlines()[-1])
-
-
-def _hub(repo_id: str, revision: str | None) -> Path:
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
-
-    try:
-        path = snapshot_download(repo_id, revision=revision, allow_patterns=_HUB_PATTERNS)
-    except LocalEntryNotFoundError as exc:
-        offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
-        why = "not in the local hub cache (HF_HUB_OFFLINE is set)" if offline else "not reachable and not cached"
-        raise ModelSourceError(f"hf:{repo_id}: {why}: {exc}") from exc
-    except (HfHubHTTPError, OSError, ValueError) as exc:
-        raise ModelSourceError(f"hf:{repo_id}: {exc}") from exc
-    return Path(path)
-
-
-def _modelscope(model_id: str, revision: str | None) -> Path:
-    try:
-        from modelscope import snapshot_download
-    except ImportError as exc:
-        raise ModelSourceError(f"modelscope:{model_id}: needs the modelscope package (pip install modelscope)") from exc
-    try:
-        return Path(snapshot_download(model_id, revision=revision or "master"))
-    except Exception as exc:  # modelscope raises many kinds
-        raise ModelSourceError(f"modelscope:{model_id}: {exc}") from exc

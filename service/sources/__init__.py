@@ -1,0 +1,1 @@
+"""One module per kind of model source; `service.model_source.resolve` picks between them."""

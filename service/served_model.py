@@ -20,6 +20,7 @@ from service import model_source
 from service.config import ModelConfig
 from service.convert import ParsedRequest
 from service.errors import InvalidArgument
+from service.sources.errors import ModelSourceError
 from workers.messages import StoppingParams
 
 _LOGGER = logging.getLogger(__name__)
@@ -41,11 +42,25 @@ class ServedModel:
 
     @classmethod
     def load(cls, config: ModelConfig) -> ServedModel:
-        from transformers import AutoConfig, AutoTokenizer
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
         path = model_source.resolve(config.source, config.revision)
-        tokenizer = AutoTokenizer.from_pretrained(path)
-        hf_config = AutoConfig.from_pretrained(path)
+        where = f"model {config.name!r} ({config.source})"
+        try:
+            hf_config = AutoConfig.from_pretrained(path)
+        except (ValueError, KeyError, OSError) as exc:
+            raise ModelSourceError(
+                f"{where}: transformers cannot read its config ({exc}); a newer transformers may know this architecture"
+            ) from exc
+        if type(hf_config) not in AutoModelForCausalLM._model_mapping:
+            raise ModelSourceError(
+                f"{where}: {type(hf_config).__name__} ({getattr(hf_config, 'model_type', '?')}) is not a causal "
+                "language model transformers can generate with (AutoModelForCausalLM knows no class for it)"
+            )
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(path)
+        except (ValueError, OSError) as exc:
+            raise ModelSourceError(f"{where}: its tokenizer does not load ({exc})") from exc
         context = getattr(hf_config.get_text_config(), "max_position_embeddings", None)
         context = int(context or getattr(tokenizer, "model_max_length", 0) or 2048)
         _LOGGER.info("model %r from %s: context %d tokens", config.name, path, context)

@@ -43,15 +43,24 @@ max_new_tokens = 0           # the most a request may ask for; 0 = the context l
 devices = [0, 1]             # GPUs this worker sees (CUDA_VISIBLE_DEVICES); [] = CPU only
 dtype = "auto"               # auto | bfloat16 | float16 | float32
 device_map = "auto"          # auto | balanced | balanced_low_0 | sequential | { module = device }
-max_memory = { 0 = "20GiB", 1 = "20GiB", cpu = "30GiB" }   # keys: GPU index as the worker sees it
+max_memory = { 0 = "20GiB", 1 = "20GiB", cpu = "30GiB" }   # keys: GPU index as the worker sees it, cpu, disk
+offload_folder = ""          # a folder of the worker's own is made in it for rewritten offloaded weights; "" = TMPDIR
 replicas = 1                 # identical workers with these settings
 threads = 0                  # torch CPU threads; 0 = split the machine's cores among CPU workers
 ```
+
+Placement: devices are GPU indices as the worker sees them (0 is the first of `devices`), "cpu" or "disk". A
+table such as `{ "model.embed_tokens" = "cpu", "model.layers.0" = 0, "model.layers.1" = "disk", ... }` places
+each module (modules sharing a weight, like a tied lm_head and embed_tokens, on one device); a strategy spreads
+the model over the GPUs and then "cpu" and "disk" within `max_memory`. Without a GPU a strategy applies only when
+`max_memory` caps "cpu" (the rest goes to disk); with no cap the model stays on the CPU whole. Weights on disk are
+read in place from safetensors checkpoints, or rewritten into the worker's offload folder (removed when it exits).
 """
 
 from __future__ import annotations
 
 import os
+import re
 import tomllib
 from dataclasses import dataclass, field
 from typing import Any
@@ -60,6 +69,8 @@ from workers.messages import WorkerSpec
 
 _DTYPES = ("auto", "bfloat16", "bf16", "float16", "fp16", "float32", "fp32")
 _DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
+# What accelerate reads as a size: bytes, or a number with one of these units (its lower-case "b" means bits).
+_SIZE = re.compile(r"\d+(\.\d+)?(GiB|MiB|KiB|GB|MB|KB)")
 
 
 class ConfigError(ValueError):
@@ -71,9 +82,55 @@ class WorkerGroupConfig:
     devices: list[int] = field(default_factory=list)
     dtype: str = "auto"
     device_map: str | dict[str, Any] = "auto"
-    max_memory: dict[str, str] | None = None
+    max_memory: dict[str, str | int] | None = None
+    offload_folder: str = ""
     replicas: int = 1
     threads: int = 0
+
+    def validate(self, where: str) -> None:
+        if self.dtype not in _DTYPES:
+            raise ConfigError(f"{where}.dtype: {self.dtype!r} is not one of {_DTYPES}")
+        if isinstance(self.device_map, dict):
+            if not self.device_map:
+                raise ConfigError(f"{where}.device_map: an empty table places nothing; name modules or use a strategy")
+            for module, device in self.device_map.items():
+                self._check_device(f"{where}.device_map.{module}", device)
+            if self.max_memory:
+                raise ConfigError(
+                    f"{where}.max_memory: applies to a device_map strategy {_DEVICE_MAPS}, not to a table of modules"
+                )
+        elif self.device_map not in _DEVICE_MAPS:
+            raise ConfigError(f"{where}.device_map: {self.device_map!r} is not one of {_DEVICE_MAPS} or a table")
+        for device, size in (self.max_memory or {}).items():
+            self._check_device(f"{where}.max_memory", device)
+            if not (isinstance(size, int) and not isinstance(size, bool) and size >= 0) and not (
+                isinstance(size, str) and _SIZE.fullmatch(size)
+            ):
+                raise ConfigError(
+                    f"{where}.max_memory.{device}: {size!r} is not a size: bytes, or a number with GiB, MiB, KiB, "
+                    f'GB, MB or KB, like "20GiB"'
+                )
+        if self.offload_folder and not os.path.isdir(self.offload_folder):
+            raise ConfigError(f"{where}.offload_folder: no such folder: {self.offload_folder}")
+        if self.replicas < 1:
+            raise ConfigError(f"{where}.replicas: must be at least 1")
+
+    def _check_device(self, where: str, device: Any) -> None:
+        """A device is cpu, disk, or the index of a GPU this worker sees (an integer, or digits as a TOML key)."""
+        if device in ("cpu", "disk"):
+            return
+        index = device if isinstance(device, int) and not isinstance(device, bool) else None
+        if isinstance(device, str) and device.isdigit():
+            index = int(device)
+        if index is None:
+            raise ConfigError(f'{where}: {device!r} is not a device: use "cpu", "disk" or a GPU index')
+        if index >= len(self.devices):
+            sees = (
+                f"GPUs 0-{len(self.devices) - 1} (devices = {self.devices})"
+                if self.devices
+                else "no GPU (devices = [])"
+            )
+            raise ConfigError(f"{where}: GPU {index}, but this worker sees {sees}; GPU indices count within devices")
 
 
 @dataclass
@@ -180,14 +237,7 @@ class ServerConfig:
             if not m.workers:
                 raise ConfigError(f"{where}.workers: at least one worker is needed")
             for w in m.workers:
-                if w.dtype not in _DTYPES:
-                    raise ConfigError(f"{where}.workers.dtype: {w.dtype!r} is not one of {_DTYPES}")
-                if isinstance(w.device_map, str) and w.device_map not in _DEVICE_MAPS:
-                    raise ConfigError(
-                        f"{where}.workers.device_map: {w.device_map!r} is not one of {_DEVICE_MAPS} or a table"
-                    )
-                if w.replicas < 1:
-                    raise ConfigError(f"{where}.workers.replicas: must be at least 1")
+                w.validate(f"{where}.workers")
         return self
 
     def worker_specs(self, model: ModelConfig, model_path: str) -> list[WorkerSpec]:
@@ -204,6 +254,7 @@ class ServerConfig:
                         dtype=group.dtype,
                         device_map=group.device_map,
                         max_memory=group.max_memory,
+                        offload_folder=group.offload_folder,
                         threads=group.threads or self._default_threads(),
                         max_batch_size=model.max_batch_size,
                         max_batch_tokens=model.max_batch_tokens,

@@ -12,7 +12,14 @@ from dataclasses import dataclass
 
 from modelpool.v1 import generation_pb2 as pb
 from service.errors import InvalidArgument
-from workers.messages import FinishReason, SamplingParams, SequenceEvent, StoppingParams
+from workers.messages import (
+    FinishReason,
+    SamplingParams,
+    SequenceEvent,
+    StoppingParams,
+    WorkerMemory,
+    WorkerReady,
+)
 
 
 @dataclass(frozen=True)
@@ -174,7 +181,29 @@ _WORKER_STATES = {
 }
 
 
-def list_models_response(served: dict, pools: dict, default_model: str) -> pb.ListModelsResponse:
+def placement_message(ready: WorkerReady, memory: WorkerMemory | None) -> pb.Placement | None:
+    """A ready worker's placement with the numbers of its latest memory report; None when it sent none."""
+    placement = ready.placement
+    if placement is None:
+        return None
+    return pb.Placement(
+        dtype=ready.dtype,
+        module_groups=[
+            pb.ModuleGroup(module=g.module, device=g.device, size_bytes=g.size_bytes) for g in placement.module_groups
+        ],
+        device_memory=[
+            pb.DeviceMemory(
+                device=d.device, allocated_bytes=d.allocated, reserved_bytes=d.reserved, total_bytes=d.total
+            )
+            for d in placement.device_memory(memory)
+        ],
+        offload_folder=placement.offload_folder,
+    )
+
+
+def list_models_response(
+    served: dict, pools: dict, default_model: str, include_placement: bool = False
+) -> pb.ListModelsResponse:
     response = pb.ListModelsResponse()
     for name, model in served.items():
         workers = pools[name].workers
@@ -188,7 +217,7 @@ def list_models_response(served: dict, pools: dict, default_model: str) -> pb.Li
             is_default=name == default_model,
         )
         for w in workers:
-            info.workers.add(
+            worker_info = info.workers.add(
                 index=w.index,
                 pid=w.pid if w.state.name in ("STARTING", "READY") else 0,
                 state=_WORKER_STATES[w.state.name],
@@ -201,4 +230,7 @@ def list_models_response(served: dict, pools: dict, default_model: str) -> pb.Li
                 last_error=w.last_error,
                 completed_requests=w.completed,
             )
+            placement = placement_message(w.ready, w.memory) if include_placement and w.ready else None
+            if placement is not None:
+                worker_info.placement.CopyFrom(placement)
     return response

@@ -196,7 +196,9 @@ class GenerationServicer:
     async def ListModels(self, request, context):
         async with self._call("ListModels", request, context) as call:
             await call.send_headers()
-            return convert.list_models_response(self._models, self._dispatcher.pools, self._default)
+            return convert.list_models_response(
+                self._models, self._dispatcher.pools, self._default, request.include_placement
+            )
 
 
 def _refuse_undecodable(method: str, request, context) -> None:

@@ -19,7 +19,7 @@ import threading
 from collections.abc import Callable
 
 from service.worker_inbox import InboxClosed, WorkerInbox
-from workers.messages import StopWorker, WorkerFailed, WorkerReady, WorkerSpec
+from workers.messages import StepOutput, StopWorker, WorkerFailed, WorkerMemory, WorkerReady, WorkerSpec
 from workers.worker_main import run_worker
 
 _LOGGER = logging.getLogger(__name__)
@@ -52,6 +52,8 @@ class WorkerHandle:
         self._exited = threading.Event()
         self.inbox: WorkerInbox | None = None
         self.ready: WorkerReady | None = None
+        # The process's latest memory report (every memory_interval_s): what ListModels shows, never asked for.
+        self.memory: WorkerMemory | None = None
         self.outstanding: set[int] = set()
         self.running = 0
         self.waiting = 0
@@ -81,7 +83,7 @@ class WorkerHandle:
         # middle of a message, the reader here sees EOF and the inbox's writes fail instead of blocking.
         inbox_reader, inbox_writer = _MP.Pipe(duplex=False)
         reader, writer = _MP.Pipe(duplex=False)
-        self.ready, self.running, self.waiting, self._failure = None, 0, 0, ""
+        self.ready, self.memory, self.running, self.waiting, self._failure = None, None, 0, 0, ""
         self.process = _MP.Process(
             target=run_worker,
             args=(self.spec, inbox_reader, writer),
@@ -148,8 +150,11 @@ class WorkerHandle:
             fn(*args)
 
     def _handle_message(self, message) -> None:
-        if isinstance(message, WorkerReady):
-            self.ready = message
+        if isinstance(message, StepOutput):
+            if message.memory is not None:
+                self.memory = message.memory
+        elif isinstance(message, WorkerReady):
+            self.ready, self.memory = message, message.memory
             self.state = WorkerState.READY
             self.consecutive_failures = 0
         elif isinstance(message, WorkerFailed):
@@ -164,7 +169,7 @@ class WorkerHandle:
         self.last_error = self._failure or f"worker process exited with code {exitcode}"
         _LOGGER.error("worker %s (pid %s) died: %s", self.key, self.pid, self.last_error)
         self.state = WorkerState.RESTARTING
-        self.ready = None
+        self.ready = self.memory = None
         self._on_exit(self)
 
     def send(self, message) -> None:

@@ -86,7 +86,9 @@ class WorkerSpec:
     cuda_visible_devices: str  # "" hides every GPU
     dtype: str = "auto"
     device_map: str | dict[str, object] | None = "auto"
-    max_memory: dict[str, str] | None = None
+    max_memory: dict[str, str | int] | None = None
+    # Where the worker makes its own folder for offloaded weights that must be rewritten; "" = the temporary folder.
+    offload_folder: str = ""
     threads: int = 1
     max_batch_size: int = 32
     max_batch_tokens: int = 16384
@@ -121,6 +123,59 @@ class WorkerMemory:
 
 
 @dataclass(frozen=True)
+class ModuleGroup:
+    """One entry of a worker's final device map: a module ("" for the whole model) and the device holding it."""
+
+    module: str
+    device: str  # "cuda:0" (as the worker numbers its GPUs), "cpu" or "disk"
+    # Its parameters and buffers; a weight shared by tied modules counts once, in the first of them.
+    size_bytes: int
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where a worker put its model, and the sizes that stay fixed once it is loaded (sent once, in WorkerReady).
+
+    The numbers that change (resident memory, CUDA memory) come in the periodic `WorkerMemory` reports;
+    `device_memory` puts both together, so the frontend never has to ask a busy worker."""
+
+    module_groups: tuple[ModuleGroup, ...]
+    # The machine's memory: the total of "cpu".
+    host_memory_total: int
+    # The worker's own folder for offloaded weights that had to be rewritten; "" when it has none.
+    offload_folder: str = ""
+    # Bytes the worker wrote there: 0 when the offloaded weights are read in place from the checkpoint's
+    # safetensors files, which transformers does whenever it can.
+    offload_folder_bytes: int = 0
+    # The size of the filesystem holding the offload folder: the total of "disk".
+    offload_filesystem_total: int = 0
+
+    @property
+    def devices(self) -> tuple[str, ...]:
+        return tuple(dict.fromkeys(g.device for g in self.module_groups))
+
+    def device_memory(self, memory: WorkerMemory | None) -> tuple[DeviceMemory, ...]:
+        """Allocated, reserved and total bytes of every GPU the worker sees, of the host ("cpu": the process's
+        resident memory and the machine's memory) and, when weights are offloaded, of "disk", from `memory`
+        (the worker's latest report) and this placement."""
+        rss = memory.resident_bytes if memory else 0
+        result = list(memory.devices if memory else ())
+        result.append(DeviceMemory("cpu", allocated=rss, reserved=rss, max_allocated=rss, total=self.host_memory_total))
+        offloaded = sum(g.size_bytes for g in self.module_groups if g.device == "disk")
+        if "disk" in self.devices:
+            result.append(
+                DeviceMemory(
+                    "disk",
+                    allocated=offloaded,
+                    reserved=self.offload_folder_bytes,
+                    max_allocated=offloaded,
+                    total=self.offload_filesystem_total,
+                )
+            )
+        return tuple(result)
+
+
+@dataclass(frozen=True)
 class WorkerReady:
     """The model is loaded; sent once after start."""
 
@@ -135,6 +190,7 @@ class WorkerReady:
     memory: WorkerMemory
     # Seconds from the process start to the model ready (imports, load, placement).
     load_seconds: float = 0.0
+    placement: Placement | None = None
 
 
 @dataclass(frozen=True)

@@ -2,9 +2,11 @@
 
 `run_worker` is the target of a `spawn`ed process. It sets CUDA_VISIBLE_DEVICES
 and thread counts *before* importing torch (nothing this module imports at the
-top level pulls torch in), reports `WorkerReady`, then loops: take every new
-request and cancellation from its inbox, run one engine step, send one
-`StepOutput` with that step's events. It blocks on the inbox only when idle.
+top level pulls torch in), loads the model (with a device map, also an offload
+folder of its own, removed when the process ends), reports `WorkerReady` with
+its placement, then loops: take every new request and cancellation from its
+inbox, run one engine step, send one `StepOutput` with that step's events. It
+blocks on the inbox only when idle.
 
 Requests come in over a one-way pipe whose write end only the frontend holds:
 when the frontend dies, the worker reads EOF and exits at once.
@@ -58,16 +60,27 @@ def read_memory() -> WorkerMemory:
     return WorkerMemory(resident_bytes=psutil.Process().memory_info().rss, devices=tuple(devices))
 
 
-def load_engine(spec: WorkerSpec):
-    """Load the model with its placement; returns (engine, WorkerReady)."""
+def load_engine(spec: WorkerSpec, offload=None):
+    """Load the model with its placement; returns (engine, WorkerReady). `offload`: the OffloadFolder the caller
+    removes; without one, weights offloaded to disk can only be read in place from safetensors checkpoints."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     from workers.engine import Engine
-    from workers.placement import describe, from_pretrained_kwargs, input_device
+    from workers.placement import (
+        check_tied_weights,
+        describe,
+        describe_placement,
+        from_pretrained_kwargs,
+        input_device,
+    )
 
     config = AutoConfig.from_pretrained(spec.model_path)
     kwargs = from_pretrained_kwargs(config, spec.dtype, spec.device_map, spec.max_memory)
+    if "device_map" in kwargs and offload is not None:
+        # Weights a device map sends to disk are read in place from safetensors checkpoints; others (and weights
+        # converted on load) are rewritten, into a folder of this worker's own.
+        kwargs["offload_folder"] = offload.make()
     _LOGGER.info("%s: loading %s with %s", spec.worker_key, spec.model_path, kwargs)
     tokenizer = AutoTokenizer.from_pretrained(spec.model_path)
     model = AutoModelForCausalLM.from_pretrained(spec.model_path, **kwargs)
@@ -75,6 +88,7 @@ def load_engine(spec: WorkerSpec):
         # transformers wraps `to` in a decorator whose type mypy reads wrong
         model.to(torch.device("cuda:0"))  # type: ignore[arg-type]
     model.eval()
+    check_tied_weights(model)
     eos = model.generation_config.eos_token_id
     if eos is None:
         eos = tokenizer.eos_token_id
@@ -97,6 +111,7 @@ def load_engine(spec: WorkerSpec):
         device_map_summary=summary,
         context_length=int(getattr(config, "max_position_embeddings", 0) or 0),
         memory=read_memory(),
+        placement=describe_placement(model, offload.path if offload is not None else ""),
     )
     return engine, ready
 
@@ -189,13 +204,24 @@ def run_worker(spec: WorkerSpec, inbox, results) -> None:
 
     transformers.utils.logging.disable_progress_bar()
     torch.set_num_threads(spec.threads)
+    from workers.placement import OffloadFolder
+
     faults = Faults.for_model(spec.model_name)
     if faults.load_hang:
         _LOGGER.warning("%s: injected fault: hanging instead of loading", spec.worker_key)
         while True:
             time.sleep(3600)
+    # Removed however the worker ends but killed (then it is left in the temporary folder).
+    offload = OffloadFolder(spec.worker_key, spec.offload_folder)
     try:
-        engine, ready = load_engine(spec)
+        _load_and_serve(spec, inbox, results, faults, offload)
+    finally:
+        offload.remove()
+
+
+def _load_and_serve(spec: WorkerSpec, inbox, results, faults: Faults, offload) -> None:
+    try:
+        engine, ready = load_engine(spec, offload)
         engine.model = faults.wrap_model(engine.model)
         ready = dataclasses.replace(ready, load_seconds=time.monotonic() - _PROCESS_START)
     except Exception as exc:  # noqa: BLE001  (reported to the frontend, which decides)

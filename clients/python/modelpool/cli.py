@@ -130,7 +130,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
 def cmd_models(args: argparse.Namespace) -> int:
     with _client(args) as client:
-        models = client.models(timeout=args.timeout)
+        models = client.models(include_placement=args.placement, timeout=args.timeout)
     for m in models:
         default = " (default)" if m.is_default else ""
         print(
@@ -145,7 +145,51 @@ def cmd_models(args: argparse.Namespace) -> int:
                 f"running={w.running_sequences} outstanding={w.outstanding_requests} restarts={w.restarts}"
                 + (f" last_error={w.last_error!r}" if w.last_error else "")
             )
+            if w.HasField("placement"):
+                _print_placement(w.placement)
     return 0
+
+
+def _size(n: int) -> str:
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if value < 1024 or unit == "TiB":
+            return f"{n} B" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    raise AssertionError("unreachable")
+
+
+def _module_rows(groups: list[pb.ModuleGroup]) -> list[tuple[str, str, int]]:
+    """(module, device, bytes) per line: consecutive numbered siblings on one device (model.layers.0 ...
+    model.layers.39 on cuda:0) become one line, model.layers.0-39, so that a deep model's map stays readable."""
+    rows: list[tuple[str, str, int]] = []
+    run: tuple[str, int, int] | None = None  # (prefix, first, last) when the last row is numbered siblings
+    for g in groups:
+        prefix, _, number = g.module.rpartition(".")
+        numbered = bool(prefix) and number.isdigit()
+        if numbered and run and run[0] == prefix and run[2] + 1 == int(number) and rows[-1][1] == g.device:
+            run = (prefix, run[1], int(number))
+            rows[-1] = (f"{prefix}.{run[1]}-{run[2]}", g.device, rows[-1][2] + g.size_bytes)
+        else:
+            run = (prefix, int(number), int(number)) if numbered else None
+            rows.append((g.module or "(whole model)", g.device, g.size_bytes))
+    return rows
+
+
+def _print_placement(placement: pb.Placement) -> None:
+    folder = f" offload_folder={placement.offload_folder}" if placement.offload_folder else ""
+    print(f"    placement: dtype={placement.dtype}{folder}")
+    rows = _module_rows(list(placement.module_groups))
+    width = max([len("module")] + [len(name) for name, _, _ in rows])
+    print(f"      {'module':<{width}}  {'device':<8}  {'size':>10}")
+    for name, device, size in rows:
+        print(f"      {name:<{width}}  {device:<8}  {_size(size):>10}")
+    print(f"      {'memory':<8}  {'allocated':>10}  {'reserved':>10}  {'total':>10}")
+    for d in placement.device_memory:
+        print(
+            f"      {d.device:<8}  {_size(d.allocated_bytes):>10}  {_size(d.reserved_bytes):>10}  "
+            f"{_size(d.total_bytes):>10}"
+        )
 
 
 def plugin_commands() -> dict[str, EntryPoint]:
@@ -175,6 +219,11 @@ def build_parser(plugins: dict[str, EntryPoint]) -> argparse.ArgumentParser:
     chat.set_defaults(func=cmd_chat)
 
     models = sub.add_parser("models", help="list the served models and their workers")
+    models.add_argument(
+        "--placement",
+        action="store_true",
+        help="also show where each worker put its model: module groups and their devices, memory per device",
+    )
     _add_connection_options(models)
     models.set_defaults(func=cmd_models, timeout=10)
     return parser

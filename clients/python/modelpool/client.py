@@ -206,11 +206,17 @@ class Client:
         return Stream(self._stub.StreamGenerate(request, **self._settings.kwargs(timeout, wait_for_ready, metadata)))
 
     def models(
-        self, *, timeout: float | None = None, wait_for_ready: bool | None = None, metadata: Metadata = ()
+        self,
+        *,
+        include_placement: bool = False,
+        timeout: float | None = None,
+        wait_for_ready: bool | None = None,
+        metadata: Metadata = (),
     ) -> list[pb.ModelInfo]:
-        response: pb.ListModelsResponse = self._unary(
-            self._stub.ListModels, pb.ListModelsRequest(), timeout, wait_for_ready, metadata
-        )
+        """The served models and their workers; `include_placement` adds each ready worker's placement (module
+        groups, devices, memory per device) as `WorkerInfo.placement`."""
+        request = pb.ListModelsRequest(include_placement=include_placement)
+        response: pb.ListModelsResponse = self._unary(self._stub.ListModels, request, timeout, wait_for_ready, metadata)
         return list(response.models)
 
     def close(self) -> None:
@@ -305,10 +311,18 @@ class AsyncClient:
         return AsyncStream(call)
 
     async def models(
-        self, *, timeout: float | None = None, wait_for_ready: bool | None = None, metadata: Metadata = ()
+        self,
+        *,
+        include_placement: bool = False,
+        timeout: float | None = None,
+        wait_for_ready: bool | None = None,
+        metadata: Metadata = (),
     ) -> list[pb.ModelInfo]:
+        """The served models and their workers; `include_placement` adds each ready worker's placement (module
+        groups, devices, memory per device) as `WorkerInfo.placement`."""
+        request = pb.ListModelsRequest(include_placement=include_placement)
         response: pb.ListModelsResponse = await self._unary(
-            self._stub.ListModels, pb.ListModelsRequest(), timeout, wait_for_ready, metadata
+            self._stub.ListModels, request, timeout, wait_for_ready, metadata
         )
         return list(response.models)
 

@@ -479,16 +479,21 @@ Global___StreamGenerateResponse: _TypeAlias = StreamGenerateResponse  # noqa: Y0
 
 @_typing.final
 class ListModelsRequest(_message.Message):
-    """ListModelsRequest has no fields yet."""
+    """ListModelsRequest asks for the served models."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
+    INCLUDE_PLACEMENT_FIELD_NUMBER: _builtins.int
+    include_placement: _builtins.bool
+    """Also describe where each ready worker put its model (WorkerInfo.placement); off keeps the reply small."""
     def __init__(
         self,
+        *,
+        include_placement: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["include_placement", b"include_placement"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -531,6 +536,7 @@ class WorkerInfo(_message.Message):
     RESTARTS_FIELD_NUMBER: _builtins.int
     LAST_ERROR_FIELD_NUMBER: _builtins.int
     COMPLETED_REQUESTS_FIELD_NUMBER: _builtins.int
+    PLACEMENT_FIELD_NUMBER: _builtins.int
     index: _builtins.int
     """Index of the worker within its model."""
     pid: _builtins.int
@@ -557,6 +563,10 @@ class WorkerInfo(_message.Message):
     def device_map_summary(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]:
         """Summary of the device map: device -> number of modules placed there."""
 
+    @_builtins.property
+    def placement(self) -> Global___Placement:
+        """Where the model is and how full each device is; set for a ready worker when ListModelsRequest.include_placement is."""
+
     def __init__(
         self,
         *,
@@ -571,14 +581,117 @@ class WorkerInfo(_message.Message):
         restarts: _builtins.int = ...,
         last_error: _builtins.str = ...,
         completed_requests: _builtins.int = ...,
+        placement: Global___Placement | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["placement", b"placement"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["completed_requests", b"completed_requests", "cuda_visible_devices", b"cuda_visible_devices", "device_map_summary", b"device_map_summary", "devices", b"devices", "index", b"index", "last_error", b"last_error", "outstanding_requests", b"outstanding_requests", "pid", b"pid", "restarts", b"restarts", "running_sequences", b"running_sequences", "state", b"state"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["completed_requests", b"completed_requests", "cuda_visible_devices", b"cuda_visible_devices", "device_map_summary", b"device_map_summary", "devices", b"devices", "index", b"index", "last_error", b"last_error", "outstanding_requests", b"outstanding_requests", "pid", b"pid", "placement", b"placement", "restarts", b"restarts", "running_sequences", b"running_sequences", "state", b"state"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___WorkerInfo: _TypeAlias = WorkerInfo  # noqa: Y015
+
+@_typing.final
+class Placement(_message.Message):
+    """Placement says where a worker put its model and how full each device it uses is."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DTYPE_FIELD_NUMBER: _builtins.int
+    MODULE_GROUPS_FIELD_NUMBER: _builtins.int
+    DEVICE_MEMORY_FIELD_NUMBER: _builtins.int
+    OFFLOAD_FOLDER_FIELD_NUMBER: _builtins.int
+    dtype: _builtins.str
+    """The torch dtype this worker's weights were loaded in, for example "bfloat16"."""
+    offload_folder: _builtins.str
+    """The folder of this worker's own for offloaded weights that had to be rewritten; empty when it has none."""
+    @_builtins.property
+    def module_groups(self) -> _containers.RepeatedCompositeFieldContainer[Global___ModuleGroup]:
+        """The final device map in its order: module groups and the device each is on."""
+
+    @_builtins.property
+    def device_memory(self) -> _containers.RepeatedCompositeFieldContainer[Global___DeviceMemory]:
+        """Memory per device: every GPU the worker sees, "cpu" (the host), and "disk" when weights are offloaded there."""
+
+    def __init__(
+        self,
+        *,
+        dtype: _builtins.str = ...,
+        module_groups: _abc.Iterable[Global___ModuleGroup] | None = ...,
+        device_memory: _abc.Iterable[Global___DeviceMemory] | None = ...,
+        offload_folder: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["device_memory", b"device_memory", "dtype", b"dtype", "module_groups", b"module_groups", "offload_folder", b"offload_folder"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Placement: _TypeAlias = Placement  # noqa: Y015
+
+@_typing.final
+class ModuleGroup(_message.Message):
+    """ModuleGroup is one entry of a worker's device map."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODULE_FIELD_NUMBER: _builtins.int
+    DEVICE_FIELD_NUMBER: _builtins.int
+    SIZE_BYTES_FIELD_NUMBER: _builtins.int
+    module: _builtins.str
+    """The module's name in the model, for example "model.layers.3"; empty for the whole model."""
+    device: _builtins.str
+    """Where its weights are: "cuda:0" (numbered as the worker sees its GPUs), "cpu", or "disk" (read for each forward pass)."""
+    size_bytes: _builtins.int
+    """Bytes of its parameters and buffers; a weight shared by tied modules counts once, in the first of them."""
+    def __init__(
+        self,
+        *,
+        module: _builtins.str = ...,
+        device: _builtins.str = ...,
+        size_bytes: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["device", b"device", "module", b"module", "size_bytes", b"size_bytes"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ModuleGroup: _TypeAlias = ModuleGroup  # noqa: Y015
+
+@_typing.final
+class DeviceMemory(_message.Message):
+    """DeviceMemory is one device's memory as of the worker's latest report (every few seconds)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DEVICE_FIELD_NUMBER: _builtins.int
+    ALLOCATED_BYTES_FIELD_NUMBER: _builtins.int
+    RESERVED_BYTES_FIELD_NUMBER: _builtins.int
+    TOTAL_BYTES_FIELD_NUMBER: _builtins.int
+    device: _builtins.str
+    """"cuda:0" (numbered as the worker sees its GPUs), "cpu" or "disk"."""
+    allocated_bytes: _builtins.int
+    """cuda: torch.cuda.memory_allocated; cpu: the worker process's resident memory; disk: bytes of the offloaded weights."""
+    reserved_bytes: _builtins.int
+    """cuda: torch.cuda.memory_reserved; cpu: the resident memory again; disk: bytes the worker wrote to its offload folder."""
+    total_bytes: _builtins.int
+    """cuda: the card's memory; cpu: the machine's memory; disk: the size of the filesystem holding the offload folder."""
+    def __init__(
+        self,
+        *,
+        device: _builtins.str = ...,
+        allocated_bytes: _builtins.int = ...,
+        reserved_bytes: _builtins.int = ...,
+        total_bytes: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["allocated_bytes", b"allocated_bytes", "device", b"device", "reserved_bytes", b"reserved_bytes", "total_bytes", b"total_bytes"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeviceMemory: _TypeAlias = DeviceMemory  # noqa: Y015
 
 @_typing.final
 class ModelInfo(_message.Message):

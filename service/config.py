@@ -327,5 +327,7 @@ def from_flags(
         )
         for i in range(workers)
     ]
-    model_name = name or ("smollm2" if model == "builtin" else model.rstrip("/").split("/")[-1].split(":")[-1])
+    # The last part of the source, without a scheme, a hub @revision or a .gguf suffix: hf:org/tiny@v1 -> tiny.
+    base = model.rstrip("/").split("/")[-1].split(":")[-1].split("@")[0].removesuffix(".gguf")
+    model_name = name or ("smollm2" if model == "builtin" else base)
     return ServerConfig(models=[ModelConfig(name=model_name, source=model, workers=groups)], **server).validate()

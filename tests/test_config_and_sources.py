@@ -122,3 +122,18 @@ def test_default_max_new_tokens_fits_the_context_and_the_batch_limit():
         model.check_limits(1000, StoppingParams(max_new_tokens=0), explicit_max=False)
     with pytest.raises(InvalidArgument, match="^stopping.max_new_tokens:"):
         model.check_limits(900, StoppingParams(max_new_tokens=101), explicit_max=True)
+
+
+@pytest.mark.parametrize(
+    ("source", "name"),
+    [
+        ("builtin", "smollm2"),
+        ("hf:org/tiny@v1", "tiny"),
+        ("org/tiny", "tiny"),
+        ("modelscope:Qwen/Qwen1.5-0.5B-Chat", "Qwen1.5-0.5B-Chat"),
+        ("/models/SmolLM2-135M.Q4_K_M.gguf", "SmolLM2-135M.Q4_K_M"),
+        ("/models/tiny/", "tiny"),
+    ],
+)
+def test_the_model_name_from_a_source(source, name):
+    assert config.from_flags(source).models[0].name == name

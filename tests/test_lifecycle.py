@@ -114,14 +114,14 @@ def test_metrics_port_zero_serves_no_metrics(tmp_path, tiny_dir):
 
 @pytest.mark.slow
 def test_a_model_that_fails_to_load_is_retried_with_back_off(tmp_path, tiny_dir):
-    """A folder with a config and a tokenizer but no weights: the frontend starts, the worker fails to load
-    (WorkerFailed), and is retried with a doubling back-off; meanwhile the model is UNAVAILABLE and the server
-    NOT_SERVING, ListModels shows the error, STARTING with a pid and RESTARTING without one."""
-    broken = tmp_path / "no-weights"
-    broken.mkdir()
-    for item in tiny_dir.iterdir():
-        if not item.name.endswith(".safetensors"):
-            shutil.copy(item, broken / item.name)
+    """A folder whose weights file is cut in half (the frontend's checks see a config and weights; only loading
+    them fails): the frontend starts, the worker fails to load (WorkerFailed), and is retried with a doubling
+    back-off; meanwhile the model is UNAVAILABLE and the server NOT_SERVING, ListModels shows the error,
+    STARTING with a pid and RESTARTING without one."""
+    broken = tmp_path / "cut-weights"
+    shutil.copytree(tiny_dir, broken)
+    weights = (broken / "model.safetensors").read_bytes()
+    (broken / "model.safetensors").write_bytes(weights[: len(weights) // 2])
     config = write_config(
         tmp_path / "c.toml",
         f"""
@@ -149,7 +149,7 @@ def test_a_model_that_fails_to_load_is_retried_with_back_off(tmp_path, tiny_dir)
 
         wait_until(look, 180, "three failed loads")
         worker = model_info(proc.target, "broken").workers[0]
-        assert worker.last_error.startswith("OSError:") and "model.safetensors" in worker.last_error, worker.last_error
+        assert worker.last_error.startswith("SafetensorError:") and "incomplete" in worker.last_error, worker.last_error
         assert seen[pb.WORKER_STATE_STARTING] == {True} and seen[pb.WORKER_STATE_RESTARTING] == {False}
         assert pb.WORKER_STATE_READY not in seen
         with grpc.insecure_channel(proc.target) as channel:

@@ -63,6 +63,7 @@ import os
 import re
 import tomllib
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from workers.messages import WorkerSpec
@@ -328,6 +329,7 @@ def from_flags(
         for i in range(workers)
     ]
     # The last part of the source, without a scheme, a hub @revision or a .gguf suffix: hf:org/tiny@v1 -> tiny.
-    base = model.rstrip("/").split("/")[-1].split(":")[-1].split("@")[0].removesuffix(".gguf")
+    source = model if Path(model).expanduser().exists() else model.partition("@")[0]  # refs/pr/3 has slashes
+    base = source.rstrip("/").split("/")[-1].split(":")[-1].removesuffix(".gguf")
     model_name = name or ("smollm2" if model == "builtin" else base)
     return ServerConfig(models=[ModelConfig(name=model_name, source=model, workers=groups)], **server).validate()

@@ -52,9 +52,19 @@ def _folder(source: str, revision: str | None) -> Path:
         return _convert(source, ["workers.gguf_cache", str(path.resolve())])
     if path.exists():
         return path.resolve()
-    if source.count("/") == 1 and not source.startswith((".", "/", "~")):
+    if is_hub(source):
         return hub.resolve(source, revision)
     raise ModelSourceError(f"{source}: no such folder or file, and not a hub id (org/name)")
+
+
+def is_hub(source: str) -> bool:
+    """`hf:…`, or an ORG/NAME[@REVISION] that is neither another kind of source nor a local path."""
+    if source.startswith("hf:"):
+        return True
+    if source == "builtin" or source.startswith("modelscope:") or Path(source).expanduser().exists():
+        return False
+    # The revision may hold slashes of its own (refs/pr/3).
+    return source.partition("@")[0].count("/") == 1 and not source.startswith((".", "/", "~"))
 
 
 def _convert(source: str, module_and_args: list[str]) -> Path:

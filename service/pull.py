@@ -19,6 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TextIO
 
+from service import model_source
 from service.sources import hub
 from service.sources.errors import ModelSourceError
 
@@ -141,21 +142,8 @@ def duration_text(seconds: float) -> str:
     return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"
 
 
-def _is_hub(source: str) -> bool:
-    """The rule of service.model_source: `hf:`, or an ORG/NAME that is neither another source nor a local path."""
-    if source.startswith("hf:"):
-        return True
-    if source == "builtin" or source.startswith("modelscope:"):
-        return False
-    if Path(source).expanduser().exists():
-        return False
-    return source.count("/") == 1 and not source.startswith((".", "/", "~"))
-
-
 def pull(source: str, revision: str | None, stderr: TextIO) -> Path:
-    from service import model_source
-
-    if _is_hub(source):
+    if model_source.is_hub(source):
         path = hub.resolve(source.removeprefix("hf:"), revision, progress=Display(stderr, live=stderr.isatty()))
         model_source.check_folder(path, source)  # the same rule as a server start
         return path
@@ -174,7 +162,7 @@ def _folder_size(path: Path) -> tuple[int, int]:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.revision and not (_is_hub(args.source) or args.source.startswith("modelscope:")):
+    if args.revision and not (model_source.is_hub(args.source) or args.source.startswith("modelscope:")):
         print("modelpool pull: --revision applies to hub and ModelScope models only", file=sys.stderr)
         return 2
     try:

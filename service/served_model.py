@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,9 +50,13 @@ class ServedModel:
         try:
             hf_config = AutoConfig.from_pretrained(path)
         except (ValueError, KeyError, OSError) as exc:
-            raise ModelSourceError(
-                f"{where}: transformers cannot read its config ({exc}); a newer transformers may know this architecture"
-            ) from exc
+            custom = "auto_map" in _read_json(path / "config.json")
+            hint = (
+                "it needs the repo's own Python code (auto_map), which modelpool does not run"
+                if custom
+                else "a newer transformers may know this architecture"
+            )
+            raise ModelSourceError(f"{where}: transformers cannot read its config ({exc}); {hint}") from exc
         if type(hf_config) not in AutoModelForCausalLM._model_mapping:
             raise ModelSourceError(
                 f"{where}: {type(hf_config).__name__} ({getattr(hf_config, 'model_type', '?')}) is not a causal "
@@ -59,7 +64,7 @@ class ServedModel:
             )
         try:
             tokenizer = AutoTokenizer.from_pretrained(path)
-        except (ValueError, OSError) as exc:
+        except (ValueError, OSError, ImportError) as exc:  # ImportError: sentencepiece, tiktoken, protobuf missing
             raise ModelSourceError(f"{where}: its tokenizer does not load ({exc})") from exc
         context = getattr(hf_config.get_text_config(), "max_position_embeddings", None)
         context = int(context or getattr(tokenizer, "model_max_length", 0) or 2048)
@@ -161,3 +166,11 @@ class ServedModel:
             stop_sequences=stopping.stop_sequences,
             ignore_eos=stopping.ignore_eos,
         )
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return value if isinstance(value, dict) else {}

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
+import threading
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -20,6 +24,7 @@ from service.servicer import SERVICE_NAME, GenerationServicer, rpc_handlers
 from service.tls import CertificateFiles, metrics_ssl_context
 
 _LOGGER = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 async def serve(config: ServerConfig) -> None:
@@ -45,7 +50,7 @@ async def serve(config: ServerConfig) -> None:
     # Fetching or converting a model can take a while: keep the loop free for nothing else yet, but off it.
     models = {}
     for model_config in config.models:
-        models[model_config.name] = await asyncio.to_thread(ServedModel.load, model_config)
+        models[model_config.name] = await _in_daemon_thread(ServedModel.load, model_config)
 
     dispatcher = Dispatcher(config, loop, on_readiness)
     dispatcher.start({name: str(model.path) for name, model in models.items()})
@@ -133,6 +138,34 @@ def _grpc_options(limits: LimitsConfig) -> list[tuple[str, int]]:
         # HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS: a client's calls beyond it wait for a free stream.
         options.append(("grpc.max_concurrent_streams", limits.max_concurrent_streams))
     return options
+
+
+async def _in_daemon_thread(fn: Callable[..., T], *args: Any) -> T:
+    """`fn(*args)` in a daemon thread. Not asyncio.to_thread: the interpreter waits for the default executor's
+    threads at exit, so Ctrl-C during a long model download would wait for the whole download; a daemon thread is
+    simply dropped (a partial download is resumed by the next start or `modelpool pull`)."""
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[T] = loop.create_future()
+
+    def settle(result: Any, error: BaseException | None) -> None:
+        if future.done():  # the awaiting task was cancelled meanwhile
+            return
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(result)
+
+    def run() -> None:
+        result, error = None, None
+        try:
+            result = fn(*args)
+        except BaseException as exc:  # noqa: BLE001 (re-raised in the awaiting task)
+            error = exc
+        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits for it any more
+            loop.call_soon_threadsafe(settle, result, error)
+
+    threading.Thread(target=run, name=f"load-{getattr(fn, '__qualname__', 'model')}", daemon=True).start()
+    return await future
 
 
 async def _first(drain, interrupt) -> bool:

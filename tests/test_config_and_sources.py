@@ -129,6 +129,7 @@ def test_default_max_new_tokens_fits_the_context_and_the_batch_limit():
     [
         ("builtin", "smollm2"),
         ("hf:org/tiny@v1", "tiny"),
+        ("hf:org/tiny@refs/pr/3", "tiny"),
         ("org/tiny", "tiny"),
         ("modelscope:Qwen/Qwen1.5-0.5B-Chat", "Qwen1.5-0.5B-Chat"),
         ("/models/SmolLM2-135M.Q4_K_M.gguf", "SmolLM2-135M.Q4_K_M"),

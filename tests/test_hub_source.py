@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from modelpool import Client
+from service import model_source
 from service import pull as pull_command
 from service.sources import hub as hub_source
 from service.sources.errors import ModelSourceError
@@ -412,6 +413,11 @@ def test_bin_weights_when_the_repo_has_no_safetensors(hub, cache, tiny_dir):
             ["pytorch_model-00001-of-00002.bin", "pytorch_model-00002-of-00002.bin", "pytorch_model.bin.index.json"],
         ),
         (["model.gguf", "tf_model.h5", "config.json"], ["config.json"]),
+        # A listing whose names climb out of the repo folder: never fetched.
+        (
+            ["model.safetensors", "additional_chat_templates/../../x.jinja", "/etc/x.json", "config.json"],
+            ["config.json", "model.safetensors"],
+        ),
     ],
 )
 def test_select_files(listing, chosen):
@@ -484,9 +490,10 @@ def test_sizes_and_durations():
 
 
 def test_which_sources_are_hub_models(tiny_dir):
-    assert pull_command._is_hub("hf:org/name") and pull_command._is_hub("org/name") and pull_command._is_hub("o/n@v1")
-    for other in ("builtin", "modelscope:org/name", str(tiny_dir), "./org/name", "/abs/path", "~/models/m"):
-        assert not pull_command._is_hub(other), other
+    for hub_id in ("hf:org/name", "org/name", "o/n@v1", "o/n@refs/pr/3"):
+        assert model_source.is_hub(hub_id), hub_id
+    for other in ("builtin", "modelscope:org/name", str(tiny_dir), "./org/name", "/abs/path", "~/models/m", "a/b/c"):
+        assert not model_source.is_hub(other), other
 
 
 def test_pull_of_a_local_folder_checks_it(tiny_dir, tmp_path, capsys):

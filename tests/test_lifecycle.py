@@ -197,3 +197,24 @@ def test_startup_is_unavailable_until_a_worker_is_ready(tmp_path, tiny_dir):
     finally:
         proc.stop()
     assert codes == {"UNAVAILABLE", "OK"}, codes
+
+
+def test_models_load_in_a_daemon_thread_that_ctrl_c_does_not_wait_for():
+    """asyncio.to_thread's threads are joined at exit, so Ctrl-C during a long download waited for all of it."""
+    import asyncio
+    import threading
+
+    from service.server import _in_daemon_thread
+
+    def where(x: int) -> tuple[int, bool]:
+        return x + 1, threading.current_thread().daemon
+
+    def fails() -> None:
+        raise ValueError("no such model")
+
+    async def scenario():
+        assert await _in_daemon_thread(where, 1) == (2, True)
+        with pytest.raises(ValueError, match="no such model"):
+            await _in_daemon_thread(fails)
+
+    asyncio.run(scenario())

@@ -40,10 +40,11 @@ def cache_root() -> Path:
 
 
 def digest(gguf: Path) -> str:
-    """SHA-256 of the file's content, remembered while its path, size and modification time stay the same."""
+    """SHA-256 of the file's content, remembered while its path, size, times and inode stay the same."""
     gguf = gguf.resolve()
     stat = gguf.stat()
-    key = f"{gguf}:{stat.st_size}:{stat.st_mtime_ns}"
+    # ctime and inode too: a copy that keeps the old mtime (cp -p, rsync -a) still changes them.
+    key = f"{gguf}:{stat.st_size}:{stat.st_mtime_ns}:{stat.st_ctime_ns}:{stat.st_ino}"
     memo_file = cache_root() / _DIGESTS
     try:
         memo = json.loads(memo_file.read_text())
@@ -95,8 +96,12 @@ def convert(gguf: Path, target: Path) -> Path:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         (tmp / DONE_MARKER).write_text(f"{gguf.name} sha256 {digest(gguf)}\n")
+        if (target / DONE_MARKER).exists():
+            # Another process converted the same content meanwhile (a worker may be loading it): keep theirs.
+            shutil.rmtree(tmp)
+            return target
         if target.exists():
-            shutil.rmtree(target)
+            shutil.rmtree(target)  # a half-written folder from a conversion that died
         os.replace(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

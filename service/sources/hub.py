@@ -55,6 +55,8 @@ _TRAINING_STATE = ("training_args.bin", "optimizer.bin", "scheduler.bin", "rng_s
 # snapshot_download; more only splits the same bandwidth.
 _PARALLEL_DOWNLOADS = 4
 _SHA256 = re.compile(r"[0-9a-f]{64}")
+# What an ETag or a commit id may look like before it becomes a file name in the cache.
+_SAFE_NAME = re.compile(r"(?!\.\.?$)[0-9A-Za-z._-]{1,200}")
 # Attempts in a row that bring no new byte before a download gives up (the next run resumes it).
 _RETRIES = 3
 
@@ -111,7 +113,8 @@ def split_revision(repo_id: str, revision: str | None) -> tuple[str, str | None]
 
 def select_files(names: Iterable[str]) -> list[str]:
     """The files of a repo listing that transformers loads a causal LM from, in one weights format."""
-    names = list(names)
+    # A name that climbs out of the repo folder (a broken or hostile listing) is never fetched.
+    names = [n for n in names if not n.startswith("/") and ".." not in n.split("/")]
     # Subfolders hold other things (original/ checkpoints, onnx/ exports); transformers loads from the top.
     top = [n for n in names if "/" not in n]
     safetensors = [n for n in top if n.endswith(".safetensors")]
@@ -138,7 +141,7 @@ def resolve(repo_id: str, revision: str | None = None, progress: DownloadProgres
     """The snapshot folder of `repo_id` at `revision` (default: main), downloaded (or resumed) when needed."""
     repo_id, revision = split_revision(repo_id, revision)
     model = f"hf:{repo_id}" + (f"@{revision}" if revision else "")
-    from huggingface_hub import HfApi, is_offline_mode, snapshot_download
+    from huggingface_hub import HfApi, constants, is_offline_mode, snapshot_download
     from huggingface_hub.errors import RevisionNotFoundError
 
     if is_offline_mode():
@@ -160,8 +163,16 @@ def resolve(repo_id: str, revision: str | None = None, progress: DownloadProgres
             f"{model}: no transformers weights (*.safetensors or pytorch_model*.bin) at the top of the repo{only}: "
             "modelpool serves transformers checkpoints"
         )
+    if "config.json" not in files:
+        raise ModelSourceError(
+            f"{model}: the repo has no config.json at the top: not a transformers model (an adapter, or another "
+            "framework's repo?)"
+        )
+    if info.sha is not None and not _SAFE_NAME.fullmatch(info.sha):
+        raise ModelSourceError(f"{model}: {constants.ENDPOINT} answered a commit id that is not a file name")
+    commit = info.sha or revision or "main"
     try:
-        _fetch(repo_id, info.sha or revision or "main", files, model, progress or _LogProgress())
+        _fetch(repo_id, commit, files, model, progress or _LogProgress())
         # The blobs are all here now: this only links the snapshot, writes refs/<revision> and the tree listing.
         path = Path(
             snapshot_download(
@@ -182,7 +193,9 @@ def resolve(repo_id: str, revision: str | None = None, progress: DownloadProgres
 @dataclass
 class _Download:
     name: str
-    url: str
+    # The hub's URL of the file; where its bytes are (a CDN's signed URL, which expires) is asked just before
+    # the download starts, as huggingface_hub does, not when the plan is made.
+    hub_url: str
     size: int | None
     blob: Path
     partial: Path
@@ -205,11 +218,14 @@ def _fetch(repo_id: str, commit: str, files: list[str], model: str, progress: Do
         if (storage / "snapshots" / commit / name).exists():
             cached += 1
             continue
-        meta = get_hf_file_metadata(hf_hub_url(repo_id, name, revision=commit))
+        hub_url = hf_hub_url(repo_id, name, revision=commit)
+        meta = get_hf_file_metadata(hub_url)
         if not meta.etag:
             raise ModelSourceError(
                 f"{model}: {name}: {constants.ENDPOINT} sent no ETag: is HF_ENDPOINT a hub (or a mirror of it)?"
             )
+        if not _SAFE_NAME.fullmatch(meta.etag):
+            raise ModelSourceError(f"{model}: {name}: {constants.ENDPOINT} sent an ETag that is not a file name")
         blob = storage / "blobs" / meta.etag
         if blob.exists():
             cached += 1
@@ -218,7 +234,7 @@ def _fetch(repo_id: str, commit: str, files: list[str], model: str, progress: Do
         resumed = partial.stat().st_size if partial.exists() else 0
         # The lock huggingface_hub takes for this blob, so that it and this code never write it at once.
         lock = cache / ".locks" / folder / f"{meta.etag}.lock"
-        todo.append(_Download(name, meta.location, meta.size, blob, partial, lock, resumed))
+        todo.append(_Download(name, hub_url, meta.size, blob, partial, lock, resumed))
     report = _Report(progress)
     report.start(model, len(todo), sum(d.size or 0 for d in todo), sum(d.resumed for d in todo), cached)
     if not todo:
@@ -265,13 +281,7 @@ def _fetch(repo_id: str, commit: str, files: list[str], model: str, progress: Do
 
 def _download(d: _Download, model: str, report: _Report) -> None:
     from filelock import FileLock, Timeout
-    from huggingface_hub import constants
-    from huggingface_hub.utils import build_hf_headers
 
-    headers = build_hf_headers()
-    if _origin(d.url) != _origin(constants.ENDPOINT):
-        # A CDN or storage host (the hub redirects LFS files there): the token stays with the hub.
-        headers.pop("authorization", None)
     d.lock.parent.mkdir(parents=True, exist_ok=True)
     d.blob.parent.mkdir(parents=True, exist_ok=True)
     lock = FileLock(str(d.lock))
@@ -286,22 +296,32 @@ def _download(d: _Download, model: str, report: _Report) -> None:
         if d.blob.exists():  # another process finished it while this one waited
             report.advance((d.size or 0) - d.resumed)
         else:
-            _download_locked(d, model, report, headers)
+            _download_locked(d, model, report)
     finally:
         lock.release()
     report.file_done(d.name, d.blob.stat().st_size)
 
 
-def _download_locked(d: _Download, model: str, report: _Report, headers: dict[str, str]) -> None:
+def _download_locked(d: _Download, model: str, report: _Report) -> None:
+    from huggingface_hub import constants, get_hf_file_metadata
+    from huggingface_hub.utils import build_hf_headers
+
+    url = get_hf_file_metadata(d.hub_url).location
+    headers = build_hf_headers()
+    if _origin(url) != _origin(constants.ENDPOINT):
+        # A CDN or storage host (the hub redirects LFS files there): the token stays with the hub.
+        headers.pop("authorization", None)
     with open(d.partial, "ab") as f:
         if d.size is not None and f.tell() > d.size:
-            f.truncate(0)
+            # In append mode tell() stays where it was after a truncate: seek first.
+            f.seek(0)
+            f.truncate()
             report.advance(-d.resumed)
         elif f.tell() != d.resumed:  # another process added to it since the plan was made
             report.advance(f.tell() - d.resumed)
         resumed = f.tell()
         try:
-            _get(d, f, headers, report)
+            _get(d, url, f, headers, report)
         except _request_errors() as exc:
             raise ModelSourceError(
                 f"{model}: downloading {d.name} stopped at {f.tell()} of {d.size or '?'} bytes "
@@ -317,7 +337,7 @@ def _download_locked(d: _Download, model: str, report: _Report, headers: dict[st
     os.replace(d.partial, d.blob)
 
 
-def _get(d: _Download, f: BinaryIO, headers: dict[str, str], report: _Report) -> None:
+def _get(d: _Download, url: str, f: BinaryIO, headers: dict[str, str], report: _Report) -> None:
     """Append the rest of the file to `f` from its current size (a Range request), writing every piece as it
     arrives so that a cut loses nothing; a dropped connection is retried a few times while it makes progress."""
     from huggingface_hub import constants
@@ -332,7 +352,7 @@ def _get(d: _Download, f: BinaryIO, headers: dict[str, str], report: _Report) ->
         request = {**headers, "Accept-Encoding": "identity", **({"Range": f"bytes={have}-"} if have else {})}
         try:
             with get_session().stream(
-                "GET", d.url, headers=request, follow_redirects=True, timeout=constants.HF_HUB_DOWNLOAD_TIMEOUT
+                "GET", url, headers=request, follow_redirects=True, timeout=constants.HF_HUB_DOWNLOAD_TIMEOUT
             ) as response:
                 hf_raise_for_status(response)
                 if have and response.status_code != 206:  # the server ignored the Range: start over
@@ -350,6 +370,11 @@ def _get(d: _Download, f: BinaryIO, headers: dict[str, str], report: _Report) ->
             continue
         if d.size is None:
             return
+        if f.tell() == have:  # a response that ended cleanly with nothing in it: not forever
+            failures += 1
+            if failures >= _RETRIES:
+                raise OSError(f"{url} sent no bytes past {have} of {d.size}")
+            time.sleep(1)
     f.flush()
     if d.size is not None and f.tell() != d.size:
         raise OSError(f"received {f.tell()} bytes, expected {d.size}")

@@ -62,8 +62,10 @@ class TLS:
 def retry_service_config(max_attempts: int, load_balancing: str | None = None) -> str:
     """A service config that retries the unary calls on UNAVAILABLE with exponential back-off, and only them;
     with `load_balancing` ("round_robin", "pick_first") as the channel's policy over the target's addresses,
-    and gRPC's client-side health checking (grpc.health.v1 Watch), so that a replica that is draining or has
-    no worker ready (NOT_SERVING) gets no new calls while the others are up."""
+    and gRPC's client-side health checking (grpc.health.v1 Watch), which round_robin honours (pick_first does
+    not): a replica that is draining or has no worker ready (NOT_SERVING) gets no new calls while others are
+    up; when none is SERVING, calls fail UNAVAILABLE at once, ListModels too (to look at a replica that is
+    still loading, use a client without `load_balancing`)."""
     config: dict[str, Any] = {"methodConfig": []}
     if load_balancing:
         config["loadBalancingConfig"] = [{load_balancing: {}}]

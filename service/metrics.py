@@ -208,5 +208,8 @@ def record_step(model: str, worker: str, output: StepOutput, cuda_visible_device
         STEP_TIME.labels(model, output.step_kind).observe(output.step_seconds)
     if output.step_kind == "decode":
         BATCH_SIZE.labels(model).observe(len(output.events))
+    elif output.step_kind == "mixed":
+        # Its events include the prompts that got their first token: only the decoded rows are the batch.
+        BATCH_SIZE.labels(model).observe(output.decoded)
     if output.memory is not None:
         record_memory(model, worker, output.memory, cuda_visible_devices)

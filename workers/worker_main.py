@@ -100,6 +100,7 @@ def load_engine(spec: WorkerSpec, offload=None):
         eos_token_ids=eos_ids,
         max_batch_size=spec.max_batch_size,
         max_batch_tokens=spec.max_batch_tokens,
+        max_step_tokens=spec.max_step_tokens,
     )
     devices, summary = describe(model)
     ready = WorkerReady(
@@ -172,11 +173,12 @@ def serve_loop(spec: WorkerSpec, engine, inbox, results) -> None:
                 StepOutput(
                     worker_key=spec.worker_key,
                     events=events,
-                    running=len(engine.running),
+                    running=len(engine.running) + len(engine.prefilling),
                     waiting=len(engine.waiting),
                     batch_tokens=engine.batch_tokens,
                     step_kind=kind,
                     step_seconds=seconds,
+                    decoded=engine.last_decoded if kind else 0,
                     memory=memory,
                 )
             )

@@ -106,3 +106,67 @@ def test_chunk_flags():
     assert Chunk(1, 0, 5, 5).whole_prompt and Chunk(1, 0, 5, 5).completes_prompt
     assert not Chunk(1, 0, 4, 5).whole_prompt and not Chunk(1, 0, 4, 5).completes_prompt
     assert not Chunk(1, 1, 4, 5).whole_prompt and Chunk(1, 1, 4, 5).completes_prompt
+
+
+# ---------------------------------------------------------------- priorities and starvation
+
+
+def admitted_order(s, steps=50):
+    """Request ids in the order of admission, finishing each running sequence one step after it starts."""
+    order = []
+    for _ in range(steps):
+        for request_id in list(s.running):
+            s.finish(request_id)
+        order += s.schedule().admitted
+    return order
+
+
+def test_higher_priority_is_admitted_first_and_first_come_first_served_within_a_priority():
+    s = make(1, 10_000, 0, 32, seq(0, 5))
+    assert s.schedule().admitted == [0]  # the batch (one slot) is full
+    for request_id, priority in [(1, 0), (2, 0), (3, 0), (4, 5), (5, -3), (6, 5)]:
+        s.add(seq(request_id, 5, priority=priority))
+    assert [q.request_id for q in s.queue_order()] == [4, 6, 1, 2, 3, 5]
+    assert admitted_order(s) == [4, 6, 1, 2, 3, 5]
+
+
+def test_a_high_priority_request_that_does_not_fit_is_not_overtaken():
+    s = make(8, 100, 0, 32, seq(0, 60, max_new=10))
+    s.schedule()
+    s.add(seq(1, 40, max_new=10))  # 50 tokens: no room beside 0
+    s.add(seq(2, 5, max_new=5, priority=9))  # fits, and goes first by priority
+    s.add(seq(3, 35, max_new=10, priority=9))  # 45: does not fit yet
+    assert s.schedule().admitted == [2]
+    assert s.schedule().admitted == []  # 3 waits at the head; 1 must not pass it
+    s.finish(0)
+    assert s.schedule().admitted == [3]
+
+
+@pytest.mark.parametrize("max_overtakes", [1, 3, 8])
+def test_a_low_priority_request_is_overtaken_at_most_max_overtakes_times(max_overtakes):
+    """A flood of high-priority arrivals, one slot: the low-priority request still starts after exactly
+    `max_overtakes` of them."""
+    s = make(1, 10_000, 0, max_overtakes, seq(0, 5))
+    s.schedule()
+    s.add(seq(1, 5, priority=-10))
+    order, next_id = [], 100
+    for _ in range(40):
+        s.add(seq(next_id, 5, priority=10))  # a new high-priority request every step
+        next_id += 1
+        for request_id in list(s.running):
+            s.finish(request_id)
+        order += s.schedule().admitted
+    assert 1 in order and order.index(1) == max_overtakes
+    assert all(request_id >= 100 for request_id in order[: order.index(1)])
+
+
+def test_starving_requests_go_first_oldest_first():
+    s = make(1, 10_000, 0, 2, seq(0, 5))
+    s.schedule()
+    s.add(seq(1, 5, priority=-5))
+    s.add(seq(2, 5, priority=-1))
+    for request_id in (3, 4):
+        s.add(seq(request_id, 5, priority=7))
+    # 3 and 4 overtake both; then 1 and 2 have been overtaken twice and go first, oldest first, before 5.
+    s.add(seq(5, 5, priority=7))
+    assert admitted_order(s) == [3, 4, 1, 2, 5]

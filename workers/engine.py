@@ -80,6 +80,7 @@ class Engine:
         max_batch_size: int,
         max_batch_tokens: int,
         max_step_tokens: int = 0,
+        max_overtakes: int = 32,
     ):
         self.model = model
         self.tokenizer = tokenizer
@@ -91,7 +92,7 @@ class Engine:
         self.max_step_tokens = max_step_tokens
         pad = tokenizer.pad_token_id
         self.pad_token_id = pad if pad is not None else (self._eos_list[0] if self._eos_list else 0)
-        self.scheduler = Scheduler(Budgets(max_batch_size, max_batch_tokens, max_step_tokens))
+        self.scheduler = Scheduler(Budgets(max_batch_size, max_batch_tokens, max_step_tokens, max_overtakes))
         # Every sequence the scheduler knows, by request id.
         self._sequences: dict[int, Sequence] = {}
         # The rows of `batch`, in order.

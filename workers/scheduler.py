@@ -140,7 +140,9 @@ class Scheduler:
         """The waiting sequences in the order admission takes them."""
         limit = self.budgets.max_overtakes
         # Starving sequences first (oldest first), then by priority, then first come, first served.
-        return sorted(self.waiting, key=lambda s: (s.overtaken < limit, -s.priority, s.arrival))
+        return sorted(
+            self.waiting, key=lambda s: (0, s.arrival, 0) if s.overtaken >= limit else (1, -s.priority, s.arrival)
+        )
 
     # ------------------------------------------------------------ the policy
 

@@ -35,6 +35,7 @@ max_batch_size = 32          # running sequences per worker
 max_batch_tokens = 16384     # prompt + max_new_tokens of every running sequence, per worker
 max_step_tokens = 512        # tokens one engine step computes (decodes + prompt chunks); 0 = whole prompts at once;
                              # unset: 512 for a CPU worker, 2048 for a GPU worker (at least 2 x max_batch_size)
+prefix_cache_mib = 0         # keys/values of recent prompt prefixes kept per worker for reuse; 0 = off
 max_queue = 256              # accepted requests waiting beyond the running capacity
 default_max_new_tokens = 256
 max_input_bytes = 0          # prompt or chat contents, in bytes; 0 = 32 x the context length
@@ -145,6 +146,9 @@ class ModelConfig:
     # Tokens one engine step computes: a decode per running sequence, the rest on prompt chunks, so a long prompt is
     # prefilled over several steps while the others keep streaming. 0: whole prompts in one step. None: by device.
     max_step_tokens: int | None = None
+    # MiB per worker for the keys and values of recently seen prompt prefixes (64-token blocks, least recently
+    # used out first), reused when a prompt starts with one; 0: off.
+    prefix_cache_mib: int = 0
     max_queue: int = 256
     default_max_new_tokens: int = 256
     # Prompt (or all chat contents) in bytes; larger input is refused before tokenizing. 0: 32 x context length.
@@ -236,7 +240,7 @@ class ServerConfig:
             for key in ("max_batch_size", "max_batch_tokens", "default_max_new_tokens"):
                 if getattr(m, key) < 1:
                     raise ConfigError(f"{where}.{key}: must be at least 1")
-            for key in ("max_queue", "max_input_bytes", "max_prompt_tokens", "max_new_tokens"):
+            for key in ("max_queue", "max_input_bytes", "max_prompt_tokens", "max_new_tokens", "prefix_cache_mib"):
                 if getattr(m, key) < 0:
                     raise ConfigError(f"{where}.{key}: must not be negative")
             step = m.max_step_tokens
@@ -272,6 +276,7 @@ class ServerConfig:
                         max_batch_size=model.max_batch_size,
                         max_batch_tokens=model.max_batch_tokens,
                         max_step_tokens=self._step_tokens(model, group),
+                        prefix_cache_bytes=model.prefix_cache_mib << 20,
                         memory_interval_s=self.memory_interval_s,
                     )
                 )

@@ -98,6 +98,23 @@ class KVBatch:
         )
         return cache, out.logits[:, -1, :]
 
+    @staticmethod
+    def cache_from(layers: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> DynamicCache:
+        """A cache of one row holding these keys and values per layer (a stored prompt prefix); they are not
+        changed: the cache's updates make new tensors."""
+        cache = DynamicCache()
+        for index, (keys, values) in enumerate(layers):
+            cache.update(keys, values, index)
+        return cache
+
+    def row_layers(self, row: int) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
+        """Views of one row's keys and values per layer ([1, kv heads, T, head dim]); None when some layer holds no
+        tensors (a model whose layers share them), which `cache_from` could not rebuild."""
+        layers = _cache_layers(self.cache)
+        if len(layers) != len(self.cache.layers):
+            return None
+        return [(layer.keys[row : row + 1], layer.values[row : row + 1]) for layer in layers]
+
     @classmethod
     def single(cls, cache: DynamicCache, length: int, device: torch.device) -> KVBatch:
         """A batch of one row whose cache holds `length` real tokens (a prompt prefilled in chunks)."""

@@ -26,6 +26,7 @@ from transformers import DynamicCache
 from workers.batch import KVBatch
 from workers.detokenizer import IncrementalDetokenizer
 from workers.messages import ErrorKind, FinishReason, GenerateCall, SequenceEvent
+from workers.prefix_cache import PrefixCache, PrefixEntry
 from workers.sampling import RowSampling, make_generator, sample_next_tokens
 from workers.scheduler import Budgets, Chunk, Scheduler, SequenceState
 
@@ -42,6 +43,8 @@ class Sequence:
     started_reported: bool = False
     # The cache of the prompt's chunks prefilled so far, until the sequence joins the running batch.
     partial_cache: DynamicCache | None = None
+    # A stored prefix of the prompt that its prefill starts from (until its first chunk runs).
+    prefix: PrefixEntry | None = None
 
     @property
     def request_id(self) -> int:
@@ -81,6 +84,7 @@ class Engine:
         max_batch_tokens: int,
         max_step_tokens: int = 0,
         max_overtakes: int = 32,
+        prefix_cache_bytes: int = 0,
     ):
         self.model = model
         self.tokenizer = tokenizer
@@ -101,6 +105,7 @@ class Engine:
         self._joining: list[Sequence] = []
         # Sequences the last step decoded (the batch size a metric reports).
         self.last_decoded = 0
+        self.prefix_cache = PrefixCache(prefix_cache_bytes) if prefix_cache_bytes > 0 else None
 
     # ------------------------------------------------------------ between steps
 
@@ -119,14 +124,18 @@ class Engine:
                 f"of {self.max_batch_tokens} tokens",
             )
         self._sequences[call.request_id] = seq
-        self.scheduler.add(
-            SequenceState(
-                request_id=call.request_id,
-                prompt_len=len(call.prompt_token_ids),
-                max_new_tokens=call.stopping.max_new_tokens,
-                priority=call.priority,
-            )
+        state = SequenceState(
+            request_id=call.request_id,
+            prompt_len=len(call.prompt_token_ids),
+            max_new_tokens=call.stopping.max_new_tokens,
+            priority=call.priority,
         )
+        if self.prefix_cache is not None:
+            seq.prefix = self.prefix_cache.lookup(call.prompt_token_ids)
+            if seq.prefix is not None:
+                # Its prefill goes on from the stored prefix, like a chunk after earlier chunks.
+                state.prefilled = len(seq.prefix.tokens)
+        self.scheduler.add(state)
         return None
 
     @property
@@ -215,6 +224,9 @@ class Engine:
     def _prefill_chunk(self, seq: Sequence, chunk: Chunk) -> list[SequenceEvent]:
         """One chunk of a prompt, on the sequence's own cache; the last chunk's logits give its first token."""
         tokens = seq.call.prompt_token_ids[chunk.start : chunk.start + chunk.length]
+        if seq.partial_cache is None and seq.prefix is not None:
+            seq.partial_cache = KVBatch.cache_from(seq.prefix.layers)
+            seq.prefix = None
         seq.partial_cache, logits = KVBatch.prefill_chunk(
             self.model, seq.partial_cache, tokens, chunk.start, self.device
         )
@@ -225,6 +237,8 @@ class Engine:
         return self._join([seq], new_batch, logits)
 
     def _join(self, newcomers: list[Sequence], new_batch: KVBatch, logits: torch.Tensor) -> list[SequenceEvent]:
+        if self.prefix_cache is not None:
+            self._remember_prefixes(newcomers, new_batch)
         events, keep = self._accept_tokens(newcomers, logits)
         survivors = [newcomers[i] for i in keep]
         if survivors:
@@ -235,6 +249,27 @@ class Engine:
             self.running.extend(survivors)
             self._joining = []
         return events
+
+    def _remember_prefixes(self, seqs: list[Sequence], batch: KVBatch) -> None:
+        """Store the prompts' prefixes from their freshly prefilled (left-padded) batch."""
+        assert self.prefix_cache is not None
+        for row, seq in enumerate(seqs):
+            layers = batch.row_layers(row)
+            if layers is None:
+                return
+            prompt = seq.call.prompt_token_ids
+            try:
+                self.prefix_cache.store(prompt, layers, start=batch.cache_length - len(prompt))
+            except torch.OutOfMemoryError:
+                # The prefix cache only saves work: without room for a copy, the request goes on without it.
+                self._release_cached_memory()
+                return
+
+    def take_prefix_counts(self) -> tuple[int, int, int]:
+        """(hits, hit tokens) since the last call, and the prefix cache's size in bytes."""
+        if self.prefix_cache is None:
+            return 0, 0, 0
+        return (*self.prefix_cache.take_counts(), self.prefix_cache.bytes)
 
     def _decode(self) -> list[SequenceEvent]:
         assert self.batch is not None

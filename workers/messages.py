@@ -96,6 +96,8 @@ class WorkerSpec:
     max_batch_tokens: int = 16384
     # Tokens one engine step computes (decodes plus prompt chunks); 0 = whole prompts in one step.
     max_step_tokens: int = 512
+    # Bytes of recently seen prompt prefixes' keys and values kept for reuse; 0 = no prefix cache.
+    prefix_cache_bytes: int = 0
     memory_interval_s: float = 2.0
 
 
@@ -242,5 +244,9 @@ class StepOutput:
     step_seconds: float = 0.0
     # Sequences the step decoded (a "mixed" step also prefilled prompt chunks).
     decoded: int = 0
+    # Prompts that found a cached prefix since the last StepOutput, the tokens it covered, and the cache's size.
+    prefix_cache_hits: int = 0
+    prefix_cache_hit_tokens: int = 0
+    prefix_cache_bytes: int = 0
     # Set every `memory_interval_s` seconds, None otherwise.
     memory: WorkerMemory | None = None

@@ -2,8 +2,8 @@
 
 Owns one scenario, run against a modelpool server per step-token budget
 (`--max-step-tokens`, 0 = unchunked), each server alone on 127.0.0.1: S streams
-(`--streams`, default 32) decode steadily; after `--before-s` seconds of steady
-decoding a prompt of about P tokens (`--prompt-tokens`, default 6000; the
+(`--streams`, default 32) decode; after `--settle-s` seconds of decoding and
+`--before-s` seconds more (the steady window) a prompt of about P tokens (`--prompt-tokens`, default 6000; the
 server's usage count is printed) arrives. Measured on the client, per budget:
 
 - the streams' gaps between messages (one message per token here) before the
@@ -80,7 +80,9 @@ async def _read_stream(stub, stream: Stream, timeout_s: float) -> None:
         call.cancel()
 
 
-async def measure(target: str, streams: int, prompt_tokens: int, before_s: float, timeout_s: float) -> dict:
+async def measure(
+    target: str, streams: int, prompt_tokens: int, before_s: float, timeout_s: float, settle_s: float = 10.0
+) -> dict:
     async with grpc.aio.insecure_channel(target) as channel:
         stub = pb_grpc.GenerationServiceStub(channel)
         # Warm-up: one short request, so that the first compute is not part of any number.
@@ -93,6 +95,9 @@ async def measure(target: str, streams: int, prompt_tokens: int, before_s: float
                 if time.monotonic() > deadline or any(s.status for s in state):
                     raise RuntimeError(f"streams did not start: {[s.status for s in state if s.status]}")
                 await asyncio.sleep(0.05)
+            # The first decode steps after the streams' prefill run slow here (seconds each) before they settle;
+            # the steady window starts after them.
+            await asyncio.sleep(settle_s)
             steady_from = time.perf_counter()
             await asyncio.sleep(before_s)
             long_request = build_request(
@@ -135,6 +140,9 @@ def report(results: dict[int, dict]) -> str:
     unchunked = results.get(0, {}).get("ttft_s")
     rows = []
     for budget, r in results.items():
+        if "failed" in r:
+            rows.append([str(budget), "failed: " + r["failed"], *["—"] * 9])
+            continue
         b, d = r["before"], r["during"]
         gap_ratio = d["max"] / b["p50"] if d["max"] and b["p50"] else None
         ttft_ratio = r["ttft_s"] / unchunked if unchunked else None
@@ -176,6 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--streams", type=int, default=32, choices=range(1, 65), metavar="1..64")
     parser.add_argument("--step-tokens", default="0,512", help="budgets to compare, one server each; 0 = unchunked")
     parser.add_argument("--before-s", type=float, default=5.0, help="seconds of steady decoding measured first")
+    parser.add_argument("--settle-s", type=float, default=10.0, help="seconds of decoding before that window")
     parser.add_argument("--threads", type=int, default=2, help="torch threads of the worker")
     parser.add_argument("--run-timeout", type=float, default=300.0, help="seconds one budget's run may take")
     return parser
@@ -195,13 +204,21 @@ def main(argv: list[str] | None = None) -> int:
         command += ["--max-step-tokens", str(budget), "--max-batch-tokens", str(batch_tokens)]
         server = ServerProcess(f"modelpool-step{budget}", command, port, DEFAULT_OUT_DIR / f"long_prompt_{budget}.log")
         with running(server, start_timeout_s=300):
-            results[budget] = asyncio.run(
-                measure(server.target, args.streams, args.prompt_tokens, args.before_s, args.run_timeout)
-            )
+            try:
+                results[budget] = asyncio.run(
+                    measure(
+                        server.target, args.streams, args.prompt_tokens, args.before_s, args.run_timeout, args.settle_s
+                    )
+                )
+            except (grpc.RpcError, RuntimeError) as exc:
+                # A budget that fails (e.g. its run timed out) is shown as failed; the others are still reported.
+                _LOGGER.error("max_step_tokens %d failed: %s", budget, exc)
+                results[budget] = {"failed": f"{type(exc).__name__}"}
+                continue
         _LOGGER.info("max_step_tokens %d: %s", budget, results[budget])
     print(f"\n{args.streams} streams decoding, then a ~{args.prompt_tokens}-token prompt ({args.model} model)\n")
     print(report(results))
-    return 0
+    return 1 if any("failed" in r for r in results.values()) else 0
 
 
 if __name__ == "__main__":

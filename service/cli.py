@@ -29,6 +29,10 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads per worker (0: split the cores)")
     parser.add_argument("--max-batch-size", type=int, default=None)
     parser.add_argument("--max-batch-tokens", type=int, default=None)
+    parser.add_argument(
+        "--max-step-tokens", type=int, default=None, help="tokens per engine step (prompt chunks); 0 = unchunked"
+    )
+    parser.add_argument("--prefix-cache-mib", type=int, default=None, help="prompt prefix cache per worker; 0 = off")
     parser.add_argument("--max-queue", type=int, default=None)
     parser.add_argument("--host", default=None, help="address to listen on (default 127.0.0.1)")
     parser.add_argument("--port", type=int, default=None, help="gRPC port (default 50051)")
@@ -84,7 +88,7 @@ def config_from_args(args: argparse.Namespace) -> config_module.ServerConfig:
         **server,
     )
     model = cfg.models[0]
-    for key in ("max_batch_size", "max_batch_tokens", "max_queue"):
+    for key in ("max_batch_size", "max_batch_tokens", "max_step_tokens", "prefix_cache_mib", "max_queue"):
         if getattr(args, key) is not None:
             setattr(model, key, getattr(args, key))
     _apply_security_flags(cfg, args)

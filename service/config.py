@@ -33,6 +33,9 @@ name = "smollm2"
 source = "builtin"           # builtin | a local folder | hf:<repo id> | modelscope:<model id>
 max_batch_size = 32          # running sequences per worker
 max_batch_tokens = 16384     # prompt + max_new_tokens of every running sequence, per worker
+max_step_tokens = 512        # tokens one engine step computes (decodes + prompt chunks); 0 = whole prompts at once;
+                             # unset: 512 for a CPU worker, 2048 for a GPU worker (at least 2 x max_batch_size)
+prefix_cache_mib = 0         # keys/values of recent prompt prefixes kept per worker for reuse; 0 = off
 max_queue = 256              # accepted requests waiting beyond the running capacity
 default_max_new_tokens = 256
 max_input_bytes = 0          # prompt or chat contents, in bytes; 0 = 32 x the context length
@@ -141,6 +144,12 @@ class ModelConfig:
     revision: str | None = None
     max_batch_size: int = 32
     max_batch_tokens: int = 16384
+    # Tokens one engine step computes: a decode per running sequence, the rest on prompt chunks, so a long prompt is
+    # prefilled over several steps while the others keep streaming. 0: whole prompts in one step. None: by device.
+    max_step_tokens: int | None = None
+    # MiB per worker for the keys and values of recently seen prompt prefixes (64-token blocks, least recently
+    # used out first), reused when a prompt starts with one; 0: off.
+    prefix_cache_mib: int = 0
     max_queue: int = 256
     default_max_new_tokens: int = 256
     # Prompt (or all chat contents) in bytes; larger input is refused before tokenizing. 0: 32 x context length.
@@ -232,9 +241,17 @@ class ServerConfig:
             for key in ("max_batch_size", "max_batch_tokens", "default_max_new_tokens"):
                 if getattr(m, key) < 1:
                     raise ConfigError(f"{where}.{key}: must be at least 1")
-            for key in ("max_queue", "max_input_bytes", "max_prompt_tokens", "max_new_tokens"):
+            for key in ("max_queue", "max_input_bytes", "max_prompt_tokens", "max_new_tokens", "prefix_cache_mib"):
                 if getattr(m, key) < 0:
                     raise ConfigError(f"{where}.{key}: must not be negative")
+            step = m.max_step_tokens
+            if step is not None and (step < 0 or 0 < step <= m.max_batch_size):
+                # A step decodes every running sequence first: a budget not above the batch size could leave
+                # no token for prompts, and the queue would never move.
+                raise ConfigError(
+                    f"{where}.max_step_tokens: must be 0 (unchunked) or more than max_batch_size "
+                    f"({m.max_batch_size}), got {m.max_step_tokens}"
+                )
             if not m.workers:
                 raise ConfigError(f"{where}.workers: at least one worker is needed")
             for w in m.workers:
@@ -259,10 +276,21 @@ class ServerConfig:
                         threads=group.threads or self._default_threads(),
                         max_batch_size=model.max_batch_size,
                         max_batch_tokens=model.max_batch_tokens,
+                        max_step_tokens=self._step_tokens(model, group),
+                        prefix_cache_bytes=model.prefix_cache_mib << 20,
                         memory_interval_s=self.memory_interval_s,
                     )
                 )
         return specs
+
+    @staticmethod
+    def _step_tokens(model: ModelConfig, group: WorkerGroupConfig) -> int:
+        if model.max_step_tokens is not None:
+            return model.max_step_tokens
+        # A GPU computes a few thousand prompt tokens in about the time of a decode step; a CPU does not: there a
+        # smaller chunk keeps the gaps of the running streams short (bench/RESULTS.md, chunked prefill).
+        base = 2048 if group.devices else 512
+        return max(base, 2 * model.max_batch_size)
 
     def _default_threads(self) -> int:
         # Workers on one machine must split the cores, or they slow each other down.

@@ -43,6 +43,12 @@ class ParsedRequest:
     stopping: StoppingParams
     # False when max_new_tokens was 0: the server's default applies.
     explicit_max_new_tokens: bool
+    # Scheduling priority in the worker's queue (higher first).
+    priority: int = 0
+
+
+# The range of GenerateRequest.priority (see the proto).
+PRIORITY_MIN, PRIORITY_MAX = -100, 100
 
 
 def _float32(value: float) -> float:
@@ -118,6 +124,8 @@ def parse_request(
         stop_sequences=stops,
         ignore_eos=st.ignore_eos,
     )
+    if not PRIORITY_MIN <= request.priority <= PRIORITY_MAX:
+        raise InvalidArgument("priority", f"{request.priority} is outside [{PRIORITY_MIN}, {PRIORITY_MAX}]")
     return ParsedRequest(
         model=request.model,
         prompt=prompt,
@@ -125,6 +133,7 @@ def parse_request(
         sampling=sampling,
         stopping=stopping,
         explicit_max_new_tokens=st.max_new_tokens > 0,
+        priority=request.priority,
     )
 
 

@@ -82,6 +82,15 @@ WORKER_UP = Gauge(
 WORKER_RESTARTS = Counter(
     "modelpool_worker_restarts_total", "Restarts after the worker process died.", ["model", "worker"]
 )
+PREFIX_CACHE_HITS = Counter(
+    "modelpool_prefix_cache_hits_total", "Prompts whose prefill started from a cached prefix.", ["model"]
+)
+PREFIX_CACHE_HIT_TOKENS = Counter(
+    "modelpool_prefix_cache_hit_tokens_total", "Prompt tokens taken from the prefix cache, not computed.", ["model"]
+)
+PREFIX_CACHE_BYTES = Gauge(
+    "modelpool_prefix_cache_bytes", "Size of the worker's prefix cache (keys and values).", ["model", "worker"]
+)
 WORKER_RUNNING = Gauge("modelpool_worker_running_sequences", "Sequences in this worker's batch.", ["model", "worker"])
 WORKER_RSS = Gauge(
     "modelpool_worker_resident_memory_bytes", "Resident memory of the worker process.", ["model", "worker"]
@@ -208,5 +217,13 @@ def record_step(model: str, worker: str, output: StepOutput, cuda_visible_device
         STEP_TIME.labels(model, output.step_kind).observe(output.step_seconds)
     if output.step_kind == "decode":
         BATCH_SIZE.labels(model).observe(len(output.events))
+    elif output.step_kind == "mixed":
+        # Its events include the prompts that got their first token: only the decoded rows are the batch.
+        BATCH_SIZE.labels(model).observe(output.decoded)
+    if output.prefix_cache_hits:
+        PREFIX_CACHE_HITS.labels(model).inc(output.prefix_cache_hits)
+        PREFIX_CACHE_HIT_TOKENS.labels(model).inc(output.prefix_cache_hit_tokens)
+    if output.step_kind:
+        PREFIX_CACHE_BYTES.labels(model, worker).set(output.prefix_cache_bytes)
     if output.memory is not None:
         record_memory(model, worker, output.memory, cuda_visible_devices)

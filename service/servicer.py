@@ -115,6 +115,7 @@ class GenerationServicer:
                     "sampling": parsed.sampling,
                     "stopping": stopping,
                     "request_label": request_id,
+                    "priority": parsed.priority,
                 },
             )
         finally:

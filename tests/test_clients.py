@@ -30,6 +30,8 @@ def test_async_client_generate_stream_chat_models(server):
             return unary, pieces, chat, models
 
     unary, pieces, chat, models = asyncio.run(scenario())
+    with Client(server.target, timeout=60) as client:
+        assert client.generate("async", max_new_tokens=8, ignore_eos=True, priority=100).text == unary.text
     assert "".join(p.text_delta for p in pieces) == unary.text
     assert chat.usage.completion_tokens == 4
     assert "tiny" in {m.name for m in models}
@@ -45,6 +47,8 @@ def test_build_request_rejects_mistakes():
     request = build_request(prompt="x", temperature=0.7, seed=5, stop_sequences=["\n"])
     assert request.sampling.do_sample and request.sampling.seed == 5
     assert not build_request(prompt="x", temperature=0).sampling.do_sample
+    assert build_request(pb.StreamGenerateRequest, prompt="x", priority=7).priority == 7
+    assert build_request(prompt="x").priority == 0 and build_request(prompt="x", priority=None).priority == 0
 
 
 def test_cli_generate_streams_text(server):

@@ -49,6 +49,9 @@ device_map = { "model" = 0, "lm_head" = 0 }
         ("[[models]]\nname='m'\n[[models.workers]]\ndevice_map='everywhere'", "device_map"),
         ("[server]\ndefault_model='x'\n[[models]]\nname='m'", "default_model"),
         ("[server]\nport=1", "models"),
+        ("[[models]]\nname='m'\nmax_batch_size=32\nmax_step_tokens=32", "max_step_tokens"),
+        ("[[models]]\nname='m'\nmax_step_tokens=-1", "max_step_tokens"),
+        ("[[models]]\nname='m'\nprefix_cache_mib=-1", "prefix_cache_mib"),
     ],
 )
 def test_config_errors_name_the_key(tmp_path, text, key):
@@ -56,6 +59,20 @@ def test_config_errors_name_the_key(tmp_path, text, key):
     path.write_text(text)
     with pytest.raises(config.ConfigError, match=key):
         config.load(str(path))
+
+
+def test_step_token_budget_by_device_unless_set():
+    cfg = config.from_flags("builtin", workers=2, devices=[0, 1])
+    cfg.models[0].workers.append(config.WorkerGroupConfig())  # and a CPU worker
+    assert [s.max_step_tokens for s in cfg.worker_specs(cfg.models[0], "/x")] == [2048, 2048, 512]
+    cfg.models[0].max_batch_size = 300  # a full batch of decodes must leave tokens for prompts
+    assert [s.max_step_tokens for s in cfg.worker_specs(cfg.models[0], "/x")] == [2048, 2048, 600]
+    assert {s.prefix_cache_bytes for s in cfg.worker_specs(cfg.models[0], "/x")} == {0}  # off unless set
+    cfg.models[0].prefix_cache_mib = 3
+    assert {s.prefix_cache_bytes for s in cfg.worker_specs(cfg.models[0], "/x")} == {3 << 20}
+    for chosen in (0, 301, 4096):
+        cfg.models[0].max_step_tokens = chosen
+        assert {s.max_step_tokens for s in cfg.validate().worker_specs(cfg.models[0], "/x")} == {chosen}
 
 
 def test_flags_split_devices_among_workers():

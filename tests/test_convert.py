@@ -66,6 +66,7 @@ def test_prompt_request_with_every_field(request_type):
             do_sample=True, temperature=0.5, top_p=0.25, top_k=7, repetition_penalty=1.5, seed=42
         ),
         stopping=pb.StoppingCriteria(max_new_tokens=9, min_new_tokens=3, stop_sequences=["\n", "END"], ignore_eos=True),
+        priority=-7,
     )
     parsed = parse_request(request)
     assert parsed == convert.ParsedRequest(
@@ -75,6 +76,7 @@ def test_prompt_request_with_every_field(request_type):
         sampling=SamplingParams(do_sample=True, temperature=0.5, top_p=0.25, top_k=7, repetition_penalty=1.5, seed=42),
         stopping=StoppingParams(max_new_tokens=9, min_new_tokens=3, stop_sequences=("\n", "END"), ignore_eos=True),
         explicit_max_new_tokens=True,
+        priority=-7,
     )
     assert type(parsed.sampling.temperature) is float
     assert type(parsed.stopping.stop_sequences) is tuple
@@ -92,7 +94,17 @@ def test_defaults_when_everything_is_zero(request_type):
         ),
         stopping=StoppingParams(max_new_tokens=0, min_new_tokens=0, stop_sequences=(), ignore_eos=False),
         explicit_max_new_tokens=False,
+        priority=0,
     )
+
+
+@pytest.mark.parametrize("request_type", REQUESTS)
+def test_priority_bounds(request_type):
+    for inside in (-100, 100):
+        assert parse_request(request_type(prompt="x", priority=inside)).priority == inside
+    for outside in (-101, 101):
+        error = invalid(request_type(prompt="x", priority=outside), "priority")
+        assert error.message == f"priority: {outside} is outside [-100, 100]"
 
 
 @pytest.mark.parametrize("request_type", REQUESTS)

@@ -191,22 +191,21 @@ def _modelless_engine(max_batch_size=8, max_batch_tokens=400):
 
 
 def test_admission_fills_the_token_budget_exactly_in_arrival_order():
+    # The policy lives in workers/scheduler.py now; the engine's scheduler sees what `add` queued.
     e = _modelless_engine()
     for rid, reserved in enumerate([200, 150, 50, 10]):
         assert e.add(_plain_call(rid, reserved - 10, 10)) is None
-    admitted = e._admit()
-    assert [s.request_id for s in admitted] == [0, 1, 2]  # exactly 400 tokens
-    e.running = admitted
-    assert e._admit() == [] and [s.request_id for s in e.waiting] == [3]
+    assert e.scheduler.schedule().admitted == [0, 1, 2]  # exactly 400 tokens
+    assert e.scheduler.schedule().admitted == [] and [s.request_id for s in e.waiting] == [3]
     e = _modelless_engine()
     for rid, reserved in enumerate([300, 150, 50]):
         e.add(_plain_call(rid, reserved - 10, 10))
-    assert [s.request_id for s in e._admit()] == [0]  # 150 does not fit, and 50 must not overtake it
+    assert e.scheduler.schedule().admitted == [0]  # 150 does not fit, and 50 must not overtake it
     assert [s.request_id for s in e.waiting] == [1, 2]
     e = _modelless_engine(max_batch_size=2)
     for rid in range(3):
         e.add(_plain_call(rid, 5, 5))
-    assert [s.request_id for s in e._admit()] == [0, 1]
+    assert e.scheduler.schedule().admitted == [0, 1]
 
 
 def test_row_sampling_of_a_sequence():
@@ -263,10 +262,12 @@ def test_out_of_memory_joining_the_running_batch_fails_it_all(engine):  # noqa: 
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(KVBatch, "concatenate", staticmethod(out_of_memory))
         kind, events = engine.step()
-    assert kind == "prefill"
-    assert sorted((e.request_id, e.error_kind) for e in events) == [
-        (960, ErrorKind.RESOURCE_EXHAUSTED),
-        (961, ErrorKind.RESOURCE_EXHAUSTED),
+    # A step decodes the running batch first (960 gets its token), then the newcomer's join fails them both.
+    assert kind == "mixed"
+    assert [(e.request_id, len(e.token_ids), e.error_kind) for e in events] == [
+        (960, 1, None),
+        (961, 0, ErrorKind.RESOURCE_EXHAUSTED),
+        (960, 0, ErrorKind.RESOURCE_EXHAUSTED),
     ]
     assert engine.running == [] and engine.batch is None and not engine.has_work and engine._joining == []
 

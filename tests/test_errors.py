@@ -43,6 +43,8 @@ def call_error(stub, request, method="Generate") -> grpc.RpcError:
         ({"prompt": "x", "stopping": pb.StoppingCriteria(max_new_tokens=5, min_new_tokens=6)}, "stopping.min_new_tokens"),
         ({"prompt": "x", "stopping": pb.StoppingCriteria(stop_sequences=[""])}, "stopping.stop_sequences[0]"),
         ({"prompt": "word " * 600}, "prompt"),
+        ({"prompt": "x", "priority": 101}, "priority"),
+        ({"prompt": "x", "priority": -101}, "priority"),
     ],
 )
 def test_invalid_argument_names_the_field(stub, method, request_kwargs, field):

@@ -72,6 +72,59 @@ class KVBatch:
         )
         return batch, out.logits[:, -1, :]
 
+    @staticmethod
+    @torch.inference_mode()
+    def prefill_chunk(
+        model, cache: DynamicCache | None, tokens: Sequence[int], start: int, device: torch.device
+    ) -> tuple[DynamicCache, torch.Tensor]:
+        """Feed prompt tokens [start, start + len(tokens)) of one sequence after the `start` already in `cache`
+        (None when start is 0); returns (the cache, updated in place, the logits [1, vocab] after the last token).
+
+        A batch of one has no padding: the mask covers the cache and the chunk, and the position ids go on from
+        `start`, so the result is that of prefilling the whole prompt at once."""
+        if cache is None:
+            cache = DynamicCache()
+        length = len(tokens)
+        input_ids = torch.tensor([list(tokens)], dtype=torch.long, device=device)
+        mask = torch.ones((1, start + length), dtype=torch.long, device=device)
+        positions = torch.arange(start, start + length, dtype=torch.long, device=device).unsqueeze(0)
+        out = model(
+            input_ids=input_ids,
+            attention_mask=mask,
+            position_ids=positions,
+            cache=cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        return cache, out.logits[:, -1, :]
+
+    @staticmethod
+    def cache_from(layers: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> DynamicCache:
+        """A cache of one row holding these keys and values per layer (a stored prompt prefix); they are not
+        changed: the cache's updates make new tensors."""
+        cache = DynamicCache()
+        for index, (keys, values) in enumerate(layers):
+            cache.update(keys, values, index)
+        return cache
+
+    def row_layers(self, row: int) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
+        """Views of one row's keys and values per layer ([1, kv heads, T, head dim]); None when some layer holds no
+        tensors (a model whose layers share them), which `cache_from` could not rebuild."""
+        layers = _cache_layers(self.cache)
+        if len(layers) != len(self.cache.layers):
+            return None
+        return [(layer.keys[row : row + 1], layer.values[row : row + 1]) for layer in layers]
+
+    @classmethod
+    def single(cls, cache: DynamicCache, length: int, device: torch.device) -> KVBatch:
+        """A batch of one row whose cache holds `length` real tokens (a prompt prefilled in chunks)."""
+        return cls(
+            cache=cache,
+            attention_mask=torch.ones((1, length), dtype=torch.long, device=device),
+            next_tokens=torch.zeros(1, dtype=torch.long, device=device),
+            next_positions=torch.tensor([length], dtype=torch.long, device=device),
+        )
+
     @torch.inference_mode()
     def decode(self, model) -> torch.Tensor:
         """Feed every row's next token; returns the logits [rows, vocab] for the token after it."""

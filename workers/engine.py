@@ -1,27 +1,34 @@
-"""The continuous-batching engine: one running batch, newcomers join and finished rows leave at step boundaries.
+"""The continuous-batching engine: runs the scheduler's plan for each step on the model's tensors.
 
-A step is either a prefill (waiting requests that fit are run as one padded
-batch, get their first token and join the running batch) or a decode (every
-running row gets one token). After a prefill the next step is always a decode,
-so a stream of arrivals cannot starve the running batch. Each step returns one
-list of events, one per sequence it touched. The engine is driven by a single
-thread (the worker loop), so add/abort happen only between steps.
+workers/scheduler.py decides what a step computes (it never sees a tensor);
+this module owns the sequences' tensors and text: the running batch (a
+left-padded `KVBatch`), the partial cache of each sequence whose prompt is
+being prefilled in chunks, sampling, detokenizing, and the events a step
+returns, one per sequence it touched. A step decodes every running sequence,
+then prefills its prompt chunks: a chunk continues its sequence's own cache
+(a batch of one), prompts that fit the step whole are prefilled together as one
+padded batch, and a sequence whose prompt is complete gets its first token and
+joins the running batch. The engine is driven by a single thread (the worker
+loop), so add/abort happen only between steps.
 """
 
 from __future__ import annotations
 
-import collections
+import functools
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import torch
+from transformers import DynamicCache
 
 from workers.batch import KVBatch
 from workers.detokenizer import IncrementalDetokenizer
 from workers.messages import ErrorKind, FinishReason, GenerateCall, SequenceEvent
+from workers.prefix_cache import PrefixCache, PrefixEntry
 from workers.sampling import RowSampling, make_generator, sample_next_tokens
+from workers.scheduler import Budgets, Chunk, Scheduler, SequenceState
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -34,6 +41,10 @@ class Sequence:
     start_time: float = 0.0
     generated: list[int] = field(default_factory=list)
     started_reported: bool = False
+    # The cache of the prompt's chunks prefilled so far, until the sequence joins the running batch.
+    partial_cache: DynamicCache | None = None
+    # A stored prefix of the prompt that its prefill starts from (until its first chunk runs).
+    prefix: PrefixEntry | None = None
 
     @property
     def request_id(self) -> int:
@@ -71,6 +82,9 @@ class Engine:
         eos_token_ids: Iterable[int],
         max_batch_size: int,
         max_batch_tokens: int,
+        max_step_tokens: int = 0,
+        max_overtakes: int = 32,
+        prefix_cache_bytes: int = 0,
     ):
         self.model = model
         self.tokenizer = tokenizer
@@ -79,13 +93,19 @@ class Engine:
         self._eos_list = sorted(self.eos_token_ids)
         self.max_batch_size = max_batch_size
         self.max_batch_tokens = max_batch_tokens
+        self.max_step_tokens = max_step_tokens
         pad = tokenizer.pad_token_id
         self.pad_token_id = pad if pad is not None else (self._eos_list[0] if self._eos_list else 0)
-        self.waiting: collections.deque[Sequence] = collections.deque()
+        self.scheduler = Scheduler(Budgets(max_batch_size, max_batch_tokens, max_step_tokens, max_overtakes))
+        # Every sequence the scheduler knows, by request id.
+        self._sequences: dict[int, Sequence] = {}
+        # The rows of `batch`, in order.
         self.running: list[Sequence] = []
         self.batch: KVBatch | None = None
-        self._prefilled_last = False
         self._joining: list[Sequence] = []
+        # Sequences the last step decoded (the batch size a metric reports).
+        self.last_decoded = 0
+        self.prefix_cache = PrefixCache(prefix_cache_bytes) if prefix_cache_bytes > 0 else None
 
     # ------------------------------------------------------------ between steps
 
@@ -103,19 +123,38 @@ class Engine:
                 f"prompt tokens + max_new_tokens = {seq.reserved_tokens} exceeds the worker's batch limit "
                 f"of {self.max_batch_tokens} tokens",
             )
-        self.waiting.append(seq)
+        self._sequences[call.request_id] = seq
+        state = SequenceState(
+            request_id=call.request_id,
+            prompt_len=len(call.prompt_token_ids),
+            max_new_tokens=call.stopping.max_new_tokens,
+            priority=call.priority,
+        )
+        if self.prefix_cache is not None:
+            seq.prefix = self.prefix_cache.lookup(call.prompt_token_ids)
+            if seq.prefix is not None:
+                # Its prefill goes on from the stored prefix, like a chunk after earlier chunks.
+                state.prefilled = len(seq.prefix.tokens)
+        self.scheduler.add(state)
         return None
 
+    @property
+    def waiting(self) -> list[Sequence]:
+        """Queued sequences, in the order they will be admitted."""
+        return [self._sequences[s.request_id] for s in self.scheduler.queue_order()]
+
+    @property
+    def prefilling(self) -> list[Sequence]:
+        """Admitted sequences whose prompt is not yet complete."""
+        return [self._sequences[s.request_id] for s in self.scheduler.prefilling]
+
     def abort(self, request_ids: set[int]) -> list[SequenceEvent]:
-        """Drop these requests wherever they are; their slots are free when this returns."""
-        events = []
-        kept_waiting: collections.deque[Sequence] = collections.deque()
-        for seq in self.waiting:
-            if seq.request_id in request_ids:
-                events.append(self._final_event(seq, FinishReason.ABORTED))
-            else:
-                kept_waiting.append(seq)
-        self.waiting = kept_waiting
+        """Drop these requests wherever they are; their slots (and partial caches) are free when this returns."""
+        events = [
+            self._final_event(seq, FinishReason.ABORTED)
+            for seq in (*self.waiting, *self.prefilling)
+            if seq.request_id in request_ids
+        ]
         leaving = {i for i, seq in enumerate(self.running) if seq.request_id in request_ids}
         if leaving:
             events.extend(self._final_event(self.running[i], FinishReason.ABORTED) for i in sorted(leaving))
@@ -126,62 +165,82 @@ class Engine:
                 # Filtering copies the cache; a half-filtered batch cannot go on.
                 events.extend(self._oom_events([self.running[i] for i in staying]))
                 self.running, self.batch = [], None
+        self._forget_finished(events)
         return events
 
     def abort_all(self, kind: ErrorKind, message: str) -> list[SequenceEvent]:
-        events = [self._error_event(seq, kind, message) for seq in (*self.running, *self.waiting)]
-        self.waiting.clear()
+        events = [self._error_event(seq, kind, message) for seq in (*self.running, *self.prefilling, *self.waiting)]
+        self.scheduler.clear()
+        self._sequences.clear()
         self.running = []
         self.batch = None
         return events
 
     @property
     def has_work(self) -> bool:
-        return bool(self.waiting or self.running)
+        return bool(self._sequences)
 
     @property
     def batch_tokens(self) -> int:
-        return sum(seq.reserved_tokens for seq in self.running)
+        """Tokens reserved by the admitted sequences (running, or prefilling their prompt)."""
+        return self.scheduler.admitted_tokens
 
     # ------------------------------------------------------------ steps
 
     @torch.inference_mode()
     def step(self) -> tuple[str, list[SequenceEvent]]:
-        """Run one prefill or decode step; returns its kind and its events."""
-        want_prefill = self.waiting and not (self._prefilled_last and self.running)
-        if want_prefill:
-            admitted = self._admit()
-            if admitted:
-                self._prefilled_last = True
-                return "prefill", self._guard_oom(admitted, lambda: self._prefill(admitted), decode=False)
-        self._prefilled_last = False
-        if not self.running:
+        """Run one step of the scheduler's plan; returns its kind ("decode", "prefill", "mixed" or "") and events."""
+        plan = self.scheduler.schedule()
+        self.last_decoded = len(plan.decode)
+        if plan.empty:
             return "", []
-        return "decode", self._guard_oom(self.running, self._decode, decode=True)
-
-    def _admit(self) -> list[Sequence]:
-        admitted: list[Sequence] = []
-        tokens = self.batch_tokens
-        slots = self.max_batch_size - len(self.running)
-        while self.waiting and len(admitted) < slots:
-            need = self.waiting[0].reserved_tokens
-            if tokens + need > self.max_batch_tokens:
-                break  # first come, first served: no overtaking by smaller requests
-            tokens += need
-            admitted.append(self.waiting.popleft())
-        return admitted
+        now = time.time()
+        for request_id in plan.admitted:
+            self._sequences[request_id].start_time = now
+        events: list[SequenceEvent] = []
+        if plan.decode:
+            # The decode goes first: the running streams get their token before any prompt work.
+            events += self._guard_oom(self.running, self._decode, decode=True)
+        whole = [self._sequences[c.request_id] for c in plan.chunks if c.whole_prompt]
+        for chunk in plan.chunks:
+            if not chunk.whole_prompt:
+                seq = self._sequences[chunk.request_id]
+                events += self._guard_oom([seq], functools.partial(self._prefill_chunk, seq, chunk), decode=False)
+        if whole:
+            events += self._guard_oom(whole, lambda: self._prefill(whole), decode=False)
+        self._forget_finished(events)
+        kind = "mixed" if plan.decode and plan.chunks else ("decode" if plan.decode else "prefill")
+        return kind, events
 
     def _prefill(self, admitted: list[Sequence]) -> list[SequenceEvent]:
-        now = time.time()
-        for seq in admitted:
-            seq.start_time = now
+        """Whole prompts as one padded batch: they get their first token and join the running batch."""
         # Until the newcomers are concatenated, the running batch is untouched: running out of memory
         # here fails only the newcomers.
         new_batch, logits = KVBatch.prefill(
             self.model, [s.call.prompt_token_ids for s in admitted], self.device, self.pad_token_id
         )
-        events, keep = self._accept_tokens(admitted, logits)
-        survivors = [admitted[i] for i in keep]
+        return self._join(admitted, new_batch, logits)
+
+    def _prefill_chunk(self, seq: Sequence, chunk: Chunk) -> list[SequenceEvent]:
+        """One chunk of a prompt, on the sequence's own cache; the last chunk's logits give its first token."""
+        tokens = seq.call.prompt_token_ids[chunk.start : chunk.start + chunk.length]
+        if seq.partial_cache is None and seq.prefix is not None:
+            seq.partial_cache = KVBatch.cache_from(seq.prefix.layers)
+            seq.prefix = None
+        seq.partial_cache, logits = KVBatch.prefill_chunk(
+            self.model, seq.partial_cache, tokens, chunk.start, self.device
+        )
+        if not chunk.completes_prompt:
+            return []
+        new_batch = KVBatch.single(seq.partial_cache, chunk.prompt_len, self.device)
+        seq.partial_cache = None
+        return self._join([seq], new_batch, logits)
+
+    def _join(self, newcomers: list[Sequence], new_batch: KVBatch, logits: torch.Tensor) -> list[SequenceEvent]:
+        if self.prefix_cache is not None:
+            self._remember_prefixes(newcomers, new_batch)
+        events, keep = self._accept_tokens(newcomers, logits)
+        survivors = [newcomers[i] for i in keep]
         if survivors:
             new_batch = new_batch.filter(keep)
             new_batch.set_next_tokens([seq.generated[-1] for seq in survivors])
@@ -190,6 +249,27 @@ class Engine:
             self.running.extend(survivors)
             self._joining = []
         return events
+
+    def _remember_prefixes(self, seqs: list[Sequence], batch: KVBatch) -> None:
+        """Store the prompts' prefixes from their freshly prefilled (left-padded) batch."""
+        assert self.prefix_cache is not None
+        for row, seq in enumerate(seqs):
+            layers = batch.row_layers(row)
+            if layers is None:
+                return
+            prompt = seq.call.prompt_token_ids
+            try:
+                self.prefix_cache.store(prompt, layers, start=batch.cache_length - len(prompt))
+            except torch.OutOfMemoryError:
+                # The prefix cache only saves work: without room for a copy, the request goes on without it.
+                self._release_cached_memory()
+                return
+
+    def take_prefix_counts(self) -> tuple[int, int, int]:
+        """(hits, hit tokens) since the last call, and the prefix cache's size in bytes."""
+        if self.prefix_cache is None:
+            return 0, 0, 0
+        return (*self.prefix_cache.take_counts(), self.prefix_cache.bytes)
 
     def _decode(self) -> list[SequenceEvent]:
         assert self.batch is not None
@@ -209,12 +289,21 @@ class Engine:
             self.batch = self.batch.filter(keep)
         self.running = [self.running[i] for i in keep]
 
-    def _guard_oom(self, seqs: list[Sequence], run, decode: bool) -> list[SequenceEvent]:
+    def _forget_finished(self, events: list[SequenceEvent]) -> None:
+        """Sequences with a final event leave the scheduler (freeing their slot) and the engine."""
+        for event in events:
+            if event.finished:
+                self.scheduler.finish(event.request_id)
+                self._sequences.pop(event.request_id, None)
+
+    def _guard_oom(
+        self, seqs: list[Sequence], run: Callable[[], list[SequenceEvent]], decode: bool
+    ) -> list[SequenceEvent]:
         """Out of device memory fails requests, not the worker.
 
-        A prefill that fails before its newcomers join fails only them, and a batch of newcomers is then tried
-        one by one, so that only those that cannot fit fail. A failed decode (forward or the filtering after it)
-        or join may leave the cache half-updated, so every running sequence fails too."""
+        A prefill (or a chunk) that fails before its newcomers join fails only them, and a batch of whole
+        prompts is then tried one by one, so that only those that cannot fit fail. A failed decode (forward or
+        the filtering after it) or join may leave the cache half-updated, so every running sequence fails too."""
         running_before = list(self.running)
         try:
             return run()
@@ -227,7 +316,9 @@ class Engine:
                     ", ".join(seq.label for seq in seqs),
                 )
                 self._release_cached_memory()
-                return [e for seq in seqs for e in self._guard_oom([seq], lambda s=seq: self._prefill([s]), False)]
+                return [
+                    e for seq in seqs for e in self._guard_oom([seq], functools.partial(self._prefill, [seq]), False)
+                ]
             failed = {seq.request_id: seq for seq in (*seqs, *(running_before if batch_touched else ()))}
             _LOGGER.warning(
                 "out of memory in a step, failing %d sequences (x-request-id %s): %s",

@@ -7,8 +7,8 @@ recovery in the engine, the frontend's load timeout) is the real one.
 
 Each entry is `<model name>:<fault>[=<value>]`; faults of other models are ignored.
 - `load_hang`: the worker never finishes loading its model.
-- `oom_prompt_tokens=N`: a prefill whose longest prompt has more than N tokens
-  runs out of device memory (`torch.OutOfMemoryError`, as CUDA raises it).
+- `oom_prompt_tokens=N`: a prefill (or a prompt chunk) whose prompt reaches past
+  N tokens runs out of device memory (`torch.OutOfMemoryError`, as CUDA raises it).
 - `slow_step_ms=N`: every forward pass takes N ms longer, like a slow device, so
   that tests can hold requests in flight for as long as they need.
 """
@@ -66,8 +66,11 @@ class _FaultyModel:
         import torch
 
         limit = self._faults.oom_prompt_tokens
-        if limit and input_ids.shape[1] > limit:
-            raise torch.OutOfMemoryError(f"injected fault: out of memory on a {input_ids.shape[1]}-token prefill")
+        # A chunk of a long prompt counts up to where it ends (its last position), so chunking cannot dodge the fault.
+        positions = kwargs.get("position_ids")
+        reach = int(positions.max()) + 1 if positions is not None and input_ids.shape[1] > 1 else input_ids.shape[1]
+        if limit and reach > limit:
+            raise torch.OutOfMemoryError(f"injected fault: out of memory on a prefill reaching {reach} tokens")
         if self._faults.slow_step_ms:
             time.sleep(self._faults.slow_step_ms / 1000)
         return self._model(input_ids=input_ids, **kwargs)

@@ -67,6 +67,8 @@ class GenerateCall:
     arrival_time: float
     # The call's x-request-id, for log lines about it.
     request_label: str = ""
+    # Larger is admitted first (see workers/scheduler.py); 0 is the default.
+    priority: int = 0
 
 
 @dataclass(frozen=True)
@@ -92,6 +94,10 @@ class WorkerSpec:
     threads: int = 1
     max_batch_size: int = 32
     max_batch_tokens: int = 16384
+    # Tokens one engine step computes (decodes plus prompt chunks); 0 = whole prompts in one step.
+    max_step_tokens: int = 512
+    # Bytes of recently seen prompt prefixes' keys and values kept for reuse; 0 = no prefix cache.
+    prefix_cache_bytes: int = 0
     memory_interval_s: float = 2.0
 
 
@@ -227,13 +233,20 @@ class StepOutput:
 
     worker_key: str
     events: list[SequenceEvent]
-    # Sequences in the running batch and waiting for a place in it, after this step.
+    # Sequences admitted (in the running batch or prefilling their prompt) and waiting for a place, after this step.
     running: int = 0
     waiting: int = 0
-    # Tokens reserved by the running batch (prompt + max_new_tokens of each row).
+    # Tokens reserved by the admitted sequences (prompt + max_new_tokens of each).
     batch_tokens: int = 0
-    # "prefill", "decode", or "" when no model step ran (only aborts or a memory report).
+    # "prefill", "decode", "mixed" (decodes and prompt chunks), or "" when no model step ran (only aborts or a
+    # memory report).
     step_kind: str = ""
     step_seconds: float = 0.0
+    # Sequences the step decoded (a "mixed" step also prefilled prompt chunks).
+    decoded: int = 0
+    # Prompts that found a cached prefix since the last StepOutput, the tokens it covered, and the cache's size.
+    prefix_cache_hits: int = 0
+    prefix_cache_hit_tokens: int = 0
+    prefix_cache_bytes: int = 0
     # Set every `memory_interval_s` seconds, None otherwise.
     memory: WorkerMemory | None = None

@@ -100,6 +100,8 @@ def load_engine(spec: WorkerSpec, offload=None):
         eos_token_ids=eos_ids,
         max_batch_size=spec.max_batch_size,
         max_batch_tokens=spec.max_batch_tokens,
+        max_step_tokens=spec.max_step_tokens,
+        prefix_cache_bytes=spec.prefix_cache_bytes,
     )
     devices, summary = describe(model)
     ready = WorkerReady(
@@ -168,15 +170,20 @@ def serve_loop(spec: WorkerSpec, engine, inbox, results) -> None:
             memory = read_memory()
             next_memory = time.monotonic() + spec.memory_interval_s
         if events or memory is not None or kind or messages:
+            hits, hit_tokens, cache_bytes = engine.take_prefix_counts()
             results.send(
                 StepOutput(
                     worker_key=spec.worker_key,
                     events=events,
-                    running=len(engine.running),
+                    running=len(engine.running) + len(engine.prefilling),
                     waiting=len(engine.waiting),
                     batch_tokens=engine.batch_tokens,
                     step_kind=kind,
                     step_seconds=seconds,
+                    decoded=engine.last_decoded if kind else 0,
+                    prefix_cache_hits=hits,
+                    prefix_cache_hit_tokens=hit_tokens,
+                    prefix_cache_bytes=cache_bytes,
                     memory=memory,
                 )
             )

@@ -51,6 +51,7 @@ def _add_generation_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repetition-penalty", type=float, default=None)
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--stop", action="append", default=None, help="stop sequence (repeatable)")
+    parser.add_argument("--priority", type=int, default=None, help="-100 to 100: higher is scheduled first")
     parser.add_argument(
         "--usage", action="store_true", help="print token counts and timings to stderr after each reply"
     )
@@ -65,6 +66,7 @@ def _options(args: argparse.Namespace) -> dict[str, Any]:
         "repetition_penalty": args.repetition_penalty,
         "seed": args.seed,
         "stop_sequences": args.stop,
+        "priority": args.priority,
     }
 
 

@@ -28,6 +28,8 @@ class Options(TypedDict, total=False):
     min_new_tokens: int | None
     stop_sequences: Sequence[str] | None
     ignore_eos: bool | None
+    # Scheduling priority, -100 to 100: higher is admitted first in the worker's queue (see build_request).
+    priority: int | None
 
 
 def chat_messages(messages: Iterable[Message]) -> pb.ChatMessages:
@@ -49,16 +51,17 @@ def build_request(
     *,
     messages: Iterable[Message] | None = None,
     model: str = "",
+    priority: int | None = None,
     **options: object,
 ) -> RequestT:
     """A GenerateRequest or StreamGenerateRequest from a prompt or (role, content) messages and the keyword
-    options of `Options`."""
+    options of `Options`. `priority` (-100 to 100, default 0): higher is scheduled first in the worker's queue."""
     unknown = set(options) - set(_SAMPLING) - set(_STOPPING)
     if unknown:
         raise TypeError(f"unknown options {sorted(unknown)}")
     if (prompt is None) == (messages is None):
         raise ValueError("give either a prompt or messages")
-    request = cls(model=model)
+    request = cls(model=model, priority=priority or 0)
     if prompt is not None:
         request.prompt = prompt
     else:

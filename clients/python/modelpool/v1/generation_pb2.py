@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dmodelpool/v1/generation.proto\x12\x0cmodelpool.v1\"@\n\x0b\x43hatMessage\x12 \n\x04role\x18\x01 \x01(\x0e\x32\x12.modelpool.v1.Role\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\";\n\x0c\x43hatMessages\x12+\n\x08messages\x18\x01 \x03(\x0b\x32\x19.modelpool.v1.ChatMessage\"\x92\x01\n\x12SamplingParameters\x12\x11\n\tdo_sample\x18\x01 \x01(\x08\x12\x13\n\x0btemperature\x18\x02 \x01(\x02\x12\r\n\x05top_p\x18\x03 \x01(\x02\x12\r\n\x05top_k\x18\x04 \x01(\r\x12\x1a\n\x12repetition_penalty\x18\x05 \x01(\x02\x12\x11\n\x04seed\x18\x06 \x01(\x04H\x00\x88\x01\x01\x42\x07\n\x05_seed\"n\n\x10StoppingCriteria\x12\x16\n\x0emax_new_tokens\x18\x01 \x01(\r\x12\x16\n\x0emin_new_tokens\x18\x02 \x01(\r\x12\x16\n\x0estop_sequences\x18\x03 \x03(\t\x12\x12\n\nignore_eos\x18\x04 \x01(\x08\"\xcd\x01\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x10\n\x06prompt\x18\x02 \x01(\tH\x00\x12*\n\x04\x63hat\x18\x03 \x01(\x0b\x32\x1a.modelpool.v1.ChatMessagesH\x00\x12\x32\n\x08sampling\x18\x04 \x01(\x0b\x32 .modelpool.v1.SamplingParameters\x12\x30\n\x08stopping\x18\x05 \x01(\x0b\x32\x1e.modelpool.v1.StoppingCriteriaB\x07\n\x05input\"\xd3\x01\n\x15StreamGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x10\n\x06prompt\x18\x02 \x01(\tH\x00\x12*\n\x04\x63hat\x18\x03 \x01(\x0b\x32\x1a.modelpool.v1.ChatMessagesH\x00\x12\x32\n\x08sampling\x18\x04 \x01(\x0b\x32 .modelpool.v1.SamplingParameters\x12\x30\n\x08stopping\x18\x05 \x01(\x0b\x32\x1e.modelpool.v1.StoppingCriteriaB\x07\n\x05input\"9\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\"\\\n\x07Timings\x12\x15\n\rqueue_seconds\x18\x01 \x01(\x01\x12#\n\x1btime_to_first_token_seconds\x18\x02 \x01(\x01\x12\x15\n\rtotal_seconds\x18\x03 \x01(\x01\"\xc1\x01\n\x10GenerateResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x31\n\rfinish_reason\x18\x02 \x01(\x0e\x32\x1a.modelpool.v1.FinishReason\x12\"\n\x05usage\x18\x03 \x01(\x0b\x32\x13.modelpool.v1.Usage\x12&\n\x07timings\x18\x04 \x01(\x0b\x32\x15.modelpool.v1.Timings\x12\r\n\x05model\x18\x05 \x01(\t\x12\x11\n\ttoken_ids\x18\x06 \x03(\r\"\xbe\x01\n\x16StreamGenerateResponse\x12\x12\n\ntext_delta\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x31\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x1a.modelpool.v1.FinishReason\x12\"\n\x05usage\x18\x04 \x01(\x0b\x32\x13.modelpool.v1.Usage\x12&\n\x07timings\x18\x05 \x01(\x0b\x32\x15.modelpool.v1.Timings\".\n\x11ListModelsRequest\x12\x19\n\x11include_placement\x18\x01 \x01(\x08\"\xad\x03\n\nWorkerInfo\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0b\n\x03pid\x18\x02 \x01(\r\x12(\n\x05state\x18\x03 \x01(\x0e\x32\x19.modelpool.v1.WorkerState\x12\x1c\n\x14\x63uda_visible_devices\x18\x04 \x01(\t\x12\x0f\n\x07\x64\x65vices\x18\x05 \x03(\t\x12J\n\x12\x64\x65vice_map_summary\x18\x06 \x03(\x0b\x32..modelpool.v1.WorkerInfo.DeviceMapSummaryEntry\x12\x1c\n\x14outstanding_requests\x18\x07 \x01(\r\x12\x19\n\x11running_sequences\x18\x08 \x01(\r\x12\x10\n\x08restarts\x18\t \x01(\r\x12\x12\n\nlast_error\x18\n \x01(\t\x12\x1a\n\x12\x63ompleted_requests\x18\x0b \x01(\x04\x12*\n\tplacement\x18\x0c \x01(\x0b\x32\x17.modelpool.v1.Placement\x1a\x37\n\x15\x44\x65viceMapSummaryEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\r:\x02\x38\x01\"\x97\x01\n\tPlacement\x12\r\n\x05\x64type\x18\x01 \x01(\t\x12\x30\n\rmodule_groups\x18\x02 \x03(\x0b\x32\x19.modelpool.v1.ModuleGroup\x12\x31\n\rdevice_memory\x18\x03 \x03(\x0b\x32\x1a.modelpool.v1.DeviceMemory\x12\x16\n\x0eoffload_folder\x18\x04 \x01(\t\"A\n\x0bModuleGroup\x12\x0e\n\x06module\x18\x01 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x02 \x01(\t\x12\x12\n\nsize_bytes\x18\x03 \x01(\x04\"d\n\x0c\x44\x65viceMemory\x12\x0e\n\x06\x64\x65vice\x18\x01 \x01(\t\x12\x17\n\x0f\x61llocated_bytes\x18\x02 \x01(\x04\x12\x16\n\x0ereserved_bytes\x18\x03 \x01(\x04\x12\x13\n\x0btotal_bytes\x18\x04 \x01(\x04\"\xaa\x01\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06source\x18\x02 \x01(\t\x12\r\n\x05\x64type\x18\x03 \x01(\t\x12\x16\n\x0e\x63ontext_length\x18\x04 \x01(\r\x12\x19\n\x11has_chat_template\x18\x05 \x01(\x08\x12)\n\x07workers\x18\x06 \x03(\x0b\x32\x18.modelpool.v1.WorkerInfo\x12\x12\n\nis_default\x18\x07 \x01(\x08\"=\n\x12ListModelsResponse\x12\'\n\x06models\x18\x01 \x03(\x0b\x32\x17.modelpool.v1.ModelInfo*P\n\x04Role\x12\x14\n\x10ROLE_UNSPECIFIED\x10\x00\x12\x0f\n\x0bROLE_SYSTEM\x10\x01\x12\r\n\tROLE_USER\x10\x02\x12\x12\n\x0eROLE_ASSISTANT\x10\x03*\x8b\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x01\x12!\n\x1d\x46INISH_REASON_END_OF_SEQUENCE\x10\x02\x12\x1f\n\x1b\x46INISH_REASON_STOP_SEQUENCE\x10\x03*\x95\x01\n\x0bWorkerState\x12\x1c\n\x18WORKER_STATE_UNSPECIFIED\x10\x00\x12\x19\n\x15WORKER_STATE_STARTING\x10\x01\x12\x16\n\x12WORKER_STATE_READY\x10\x02\x12\x1b\n\x17WORKER_STATE_RESTARTING\x10\x03\x12\x18\n\x14WORKER_STATE_STOPPED\x10\x04\x32\x8e\x02\n\x11GenerationService\x12I\n\x08Generate\x12\x1d.modelpool.v1.GenerateRequest\x1a\x1e.modelpool.v1.GenerateResponse\x12]\n\x0eStreamGenerate\x12#.modelpool.v1.StreamGenerateRequest\x1a$.modelpool.v1.StreamGenerateResponse0\x01\x12O\n\nListModels\x12\x1f.modelpool.v1.ListModelsRequest\x1a .modelpool.v1.ListModelsResponseBDZBgithub.com/modelpool/modelpool/clients/go/modelpool/v1;modelpoolv1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dmodelpool/v1/generation.proto\x12\x0cmodelpool.v1\"@\n\x0b\x43hatMessage\x12 \n\x04role\x18\x01 \x01(\x0e\x32\x12.modelpool.v1.Role\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\";\n\x0c\x43hatMessages\x12+\n\x08messages\x18\x01 \x03(\x0b\x32\x19.modelpool.v1.ChatMessage\"\x92\x01\n\x12SamplingParameters\x12\x11\n\tdo_sample\x18\x01 \x01(\x08\x12\x13\n\x0btemperature\x18\x02 \x01(\x02\x12\r\n\x05top_p\x18\x03 \x01(\x02\x12\r\n\x05top_k\x18\x04 \x01(\r\x12\x1a\n\x12repetition_penalty\x18\x05 \x01(\x02\x12\x11\n\x04seed\x18\x06 \x01(\x04H\x00\x88\x01\x01\x42\x07\n\x05_seed\"n\n\x10StoppingCriteria\x12\x16\n\x0emax_new_tokens\x18\x01 \x01(\r\x12\x16\n\x0emin_new_tokens\x18\x02 \x01(\r\x12\x16\n\x0estop_sequences\x18\x03 \x03(\t\x12\x12\n\nignore_eos\x18\x04 \x01(\x08\"\xdf\x01\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x10\n\x06prompt\x18\x02 \x01(\tH\x00\x12*\n\x04\x63hat\x18\x03 \x01(\x0b\x32\x1a.modelpool.v1.ChatMessagesH\x00\x12\x32\n\x08sampling\x18\x04 \x01(\x0b\x32 .modelpool.v1.SamplingParameters\x12\x30\n\x08stopping\x18\x05 \x01(\x0b\x32\x1e.modelpool.v1.StoppingCriteria\x12\x10\n\x08priority\x18\x06 \x01(\x05\x42\x07\n\x05input\"\xe5\x01\n\x15StreamGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x10\n\x06prompt\x18\x02 \x01(\tH\x00\x12*\n\x04\x63hat\x18\x03 \x01(\x0b\x32\x1a.modelpool.v1.ChatMessagesH\x00\x12\x32\n\x08sampling\x18\x04 \x01(\x0b\x32 .modelpool.v1.SamplingParameters\x12\x30\n\x08stopping\x18\x05 \x01(\x0b\x32\x1e.modelpool.v1.StoppingCriteria\x12\x10\n\x08priority\x18\x06 \x01(\x05\x42\x07\n\x05input\"9\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\"\\\n\x07Timings\x12\x15\n\rqueue_seconds\x18\x01 \x01(\x01\x12#\n\x1btime_to_first_token_seconds\x18\x02 \x01(\x01\x12\x15\n\rtotal_seconds\x18\x03 \x01(\x01\"\xc1\x01\n\x10GenerateResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x31\n\rfinish_reason\x18\x02 \x01(\x0e\x32\x1a.modelpool.v1.FinishReason\x12\"\n\x05usage\x18\x03 \x01(\x0b\x32\x13.modelpool.v1.Usage\x12&\n\x07timings\x18\x04 \x01(\x0b\x32\x15.modelpool.v1.Timings\x12\r\n\x05model\x18\x05 \x01(\t\x12\x11\n\ttoken_ids\x18\x06 \x03(\r\"\xbe\x01\n\x16StreamGenerateResponse\x12\x12\n\ntext_delta\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x31\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x1a.modelpool.v1.FinishReason\x12\"\n\x05usage\x18\x04 \x01(\x0b\x32\x13.modelpool.v1.Usage\x12&\n\x07timings\x18\x05 \x01(\x0b\x32\x15.modelpool.v1.Timings\".\n\x11ListModelsRequest\x12\x19\n\x11include_placement\x18\x01 \x01(\x08\"\xad\x03\n\nWorkerInfo\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0b\n\x03pid\x18\x02 \x01(\r\x12(\n\x05state\x18\x03 \x01(\x0e\x32\x19.modelpool.v1.WorkerState\x12\x1c\n\x14\x63uda_visible_devices\x18\x04 \x01(\t\x12\x0f\n\x07\x64\x65vices\x18\x05 \x03(\t\x12J\n\x12\x64\x65vice_map_summary\x18\x06 \x03(\x0b\x32..modelpool.v1.WorkerInfo.DeviceMapSummaryEntry\x12\x1c\n\x14outstanding_requests\x18\x07 \x01(\r\x12\x19\n\x11running_sequences\x18\x08 \x01(\r\x12\x10\n\x08restarts\x18\t \x01(\r\x12\x12\n\nlast_error\x18\n \x01(\t\x12\x1a\n\x12\x63ompleted_requests\x18\x0b \x01(\x04\x12*\n\tplacement\x18\x0c \x01(\x0b\x32\x17.modelpool.v1.Placement\x1a\x37\n\x15\x44\x65viceMapSummaryEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\r:\x02\x38\x01\"\x97\x01\n\tPlacement\x12\r\n\x05\x64type\x18\x01 \x01(\t\x12\x30\n\rmodule_groups\x18\x02 \x03(\x0b\x32\x19.modelpool.v1.ModuleGroup\x12\x31\n\rdevice_memory\x18\x03 \x03(\x0b\x32\x1a.modelpool.v1.DeviceMemory\x12\x16\n\x0eoffload_folder\x18\x04 \x01(\t\"A\n\x0bModuleGroup\x12\x0e\n\x06module\x18\x01 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x02 \x01(\t\x12\x12\n\nsize_bytes\x18\x03 \x01(\x04\"d\n\x0c\x44\x65viceMemory\x12\x0e\n\x06\x64\x65vice\x18\x01 \x01(\t\x12\x17\n\x0f\x61llocated_bytes\x18\x02 \x01(\x04\x12\x16\n\x0ereserved_bytes\x18\x03 \x01(\x04\x12\x13\n\x0btotal_bytes\x18\x04 \x01(\x04\"\xaa\x01\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06source\x18\x02 \x01(\t\x12\r\n\x05\x64type\x18\x03 \x01(\t\x12\x16\n\x0e\x63ontext_length\x18\x04 \x01(\r\x12\x19\n\x11has_chat_template\x18\x05 \x01(\x08\x12)\n\x07workers\x18\x06 \x03(\x0b\x32\x18.modelpool.v1.WorkerInfo\x12\x12\n\nis_default\x18\x07 \x01(\x08\"=\n\x12ListModelsResponse\x12\'\n\x06models\x18\x01 \x03(\x0b\x32\x17.modelpool.v1.ModelInfo*P\n\x04Role\x12\x14\n\x10ROLE_UNSPECIFIED\x10\x00\x12\x0f\n\x0bROLE_SYSTEM\x10\x01\x12\r\n\tROLE_USER\x10\x02\x12\x12\n\x0eROLE_ASSISTANT\x10\x03*\x8b\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x01\x12!\n\x1d\x46INISH_REASON_END_OF_SEQUENCE\x10\x02\x12\x1f\n\x1b\x46INISH_REASON_STOP_SEQUENCE\x10\x03*\x95\x01\n\x0bWorkerState\x12\x1c\n\x18WORKER_STATE_UNSPECIFIED\x10\x00\x12\x19\n\x15WORKER_STATE_STARTING\x10\x01\x12\x16\n\x12WORKER_STATE_READY\x10\x02\x12\x1b\n\x17WORKER_STATE_RESTARTING\x10\x03\x12\x18\n\x14WORKER_STATE_STOPPED\x10\x04\x32\x8e\x02\n\x11GenerationService\x12I\n\x08Generate\x12\x1d.modelpool.v1.GenerateRequest\x1a\x1e.modelpool.v1.GenerateResponse\x12]\n\x0eStreamGenerate\x12#.modelpool.v1.StreamGenerateRequest\x1a$.modelpool.v1.StreamGenerateResponse0\x01\x12O\n\nListModels\x12\x1f.modelpool.v1.ListModelsRequest\x1a .modelpool.v1.ListModelsResponseBDZBgithub.com/modelpool/modelpool/clients/go/modelpool/v1;modelpoolv1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,12 +34,12 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._serialized_options = b'ZBgithub.com/modelpool/modelpool/clients/go/modelpool/v1;modelpoolv1'
   _globals['_WORKERINFO_DEVICEMAPSUMMARYENTRY']._loaded_options = None
   _globals['_WORKERINFO_DEVICEMAPSUMMARYENTRY']._serialized_options = b'8\001'
-  _globals['_ROLE']._serialized_start=2438
-  _globals['_ROLE']._serialized_end=2518
-  _globals['_FINISHREASON']._serialized_start=2521
-  _globals['_FINISHREASON']._serialized_end=2660
-  _globals['_WORKERSTATE']._serialized_start=2663
-  _globals['_WORKERSTATE']._serialized_end=2812
+  _globals['_ROLE']._serialized_start=2474
+  _globals['_ROLE']._serialized_end=2554
+  _globals['_FINISHREASON']._serialized_start=2557
+  _globals['_FINISHREASON']._serialized_end=2696
+  _globals['_WORKERSTATE']._serialized_start=2699
+  _globals['_WORKERSTATE']._serialized_end=2848
   _globals['_CHATMESSAGE']._serialized_start=47
   _globals['_CHATMESSAGE']._serialized_end=111
   _globals['_CHATMESSAGES']._serialized_start=113
@@ -49,33 +49,33 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_STOPPINGCRITERIA']._serialized_start=323
   _globals['_STOPPINGCRITERIA']._serialized_end=433
   _globals['_GENERATEREQUEST']._serialized_start=436
-  _globals['_GENERATEREQUEST']._serialized_end=641
-  _globals['_STREAMGENERATEREQUEST']._serialized_start=644
-  _globals['_STREAMGENERATEREQUEST']._serialized_end=855
-  _globals['_USAGE']._serialized_start=857
-  _globals['_USAGE']._serialized_end=914
-  _globals['_TIMINGS']._serialized_start=916
-  _globals['_TIMINGS']._serialized_end=1008
-  _globals['_GENERATERESPONSE']._serialized_start=1011
-  _globals['_GENERATERESPONSE']._serialized_end=1204
-  _globals['_STREAMGENERATERESPONSE']._serialized_start=1207
-  _globals['_STREAMGENERATERESPONSE']._serialized_end=1397
-  _globals['_LISTMODELSREQUEST']._serialized_start=1399
-  _globals['_LISTMODELSREQUEST']._serialized_end=1445
-  _globals['_WORKERINFO']._serialized_start=1448
-  _globals['_WORKERINFO']._serialized_end=1877
-  _globals['_WORKERINFO_DEVICEMAPSUMMARYENTRY']._serialized_start=1822
-  _globals['_WORKERINFO_DEVICEMAPSUMMARYENTRY']._serialized_end=1877
-  _globals['_PLACEMENT']._serialized_start=1880
-  _globals['_PLACEMENT']._serialized_end=2031
-  _globals['_MODULEGROUP']._serialized_start=2033
-  _globals['_MODULEGROUP']._serialized_end=2098
-  _globals['_DEVICEMEMORY']._serialized_start=2100
-  _globals['_DEVICEMEMORY']._serialized_end=2200
-  _globals['_MODELINFO']._serialized_start=2203
-  _globals['_MODELINFO']._serialized_end=2373
-  _globals['_LISTMODELSRESPONSE']._serialized_start=2375
-  _globals['_LISTMODELSRESPONSE']._serialized_end=2436
-  _globals['_GENERATIONSERVICE']._serialized_start=2815
-  _globals['_GENERATIONSERVICE']._serialized_end=3085
+  _globals['_GENERATEREQUEST']._serialized_end=659
+  _globals['_STREAMGENERATEREQUEST']._serialized_start=662
+  _globals['_STREAMGENERATEREQUEST']._serialized_end=891
+  _globals['_USAGE']._serialized_start=893
+  _globals['_USAGE']._serialized_end=950
+  _globals['_TIMINGS']._serialized_start=952
+  _globals['_TIMINGS']._serialized_end=1044
+  _globals['_GENERATERESPONSE']._serialized_start=1047
+  _globals['_GENERATERESPONSE']._serialized_end=1240
+  _globals['_STREAMGENERATERESPONSE']._serialized_start=1243
+  _globals['_STREAMGENERATERESPONSE']._serialized_end=1433
+  _globals['_LISTMODELSREQUEST']._serialized_start=1435
+  _globals['_LISTMODELSREQUEST']._serialized_end=1481
+  _globals['_WORKERINFO']._serialized_start=1484
+  _globals['_WORKERINFO']._serialized_end=1913
+  _globals['_WORKERINFO_DEVICEMAPSUMMARYENTRY']._serialized_start=1858
+  _globals['_WORKERINFO_DEVICEMAPSUMMARYENTRY']._serialized_end=1913
+  _globals['_PLACEMENT']._serialized_start=1916
+  _globals['_PLACEMENT']._serialized_end=2067
+  _globals['_MODULEGROUP']._serialized_start=2069
+  _globals['_MODULEGROUP']._serialized_end=2134
+  _globals['_DEVICEMEMORY']._serialized_start=2136
+  _globals['_DEVICEMEMORY']._serialized_end=2236
+  _globals['_MODELINFO']._serialized_start=2239
+  _globals['_MODELINFO']._serialized_end=2409
+  _globals['_LISTMODELSRESPONSE']._serialized_start=2411
+  _globals['_LISTMODELSRESPONSE']._serialized_end=2472
+  _globals['_GENERATIONSERVICE']._serialized_start=2851
+  _globals['_GENERATIONSERVICE']._serialized_end=3121
 # @@protoc_insertion_point(module_scope)

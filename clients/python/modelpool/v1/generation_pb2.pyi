@@ -248,10 +248,15 @@ class GenerateRequest(_message.Message):
     CHAT_FIELD_NUMBER: _builtins.int
     SAMPLING_FIELD_NUMBER: _builtins.int
     STOPPING_FIELD_NUMBER: _builtins.int
+    PRIORITY_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     """The model to use, as listed by ListModels; empty means the server's default model."""
     prompt: _builtins.str
     """A raw prompt, tokenized as is."""
+    priority: _builtins.int
+    """Scheduling priority in the worker's queue, from -100 to 100: higher is admitted first, equal priorities
+    first come, first served; a request overtaken many times goes first whatever its priority. 0 when unset.
+    """
     @_builtins.property
     def chat(self) -> Global___ChatMessages:
         """A conversation; the model's chat template adds the generation prompt."""
@@ -272,10 +277,11 @@ class GenerateRequest(_message.Message):
         chat: Global___ChatMessages | None = ...,
         sampling: Global___SamplingParameters | None = ...,
         stopping: Global___StoppingCriteria | None = ...,
+        priority: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["chat", b"chat", "input", b"input", "prompt", b"prompt", "sampling", b"sampling", "stopping", b"stopping"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["chat", b"chat", "input", b"input", "model", b"model", "prompt", b"prompt", "sampling", b"sampling", "stopping", b"stopping"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chat", b"chat", "input", b"input", "model", b"model", "priority", b"priority", "prompt", b"prompt", "sampling", b"sampling", "stopping", b"stopping"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_input: _TypeAlias = _typing.Literal["prompt", "chat"]  # noqa: Y015
     _WhichOneofArgType_input: _TypeAlias = _typing.Literal["input", b"input"]  # noqa: Y015
@@ -294,10 +300,15 @@ class StreamGenerateRequest(_message.Message):
     CHAT_FIELD_NUMBER: _builtins.int
     SAMPLING_FIELD_NUMBER: _builtins.int
     STOPPING_FIELD_NUMBER: _builtins.int
+    PRIORITY_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     """The model to use, as listed by ListModels; empty means the server's default model."""
     prompt: _builtins.str
     """A raw prompt, tokenized as is."""
+    priority: _builtins.int
+    """Scheduling priority in the worker's queue, from -100 to 100: higher is admitted first, equal priorities
+    first come, first served; a request overtaken many times goes first whatever its priority. 0 when unset.
+    """
     @_builtins.property
     def chat(self) -> Global___ChatMessages:
         """A conversation; the model's chat template adds the generation prompt."""
@@ -318,10 +329,11 @@ class StreamGenerateRequest(_message.Message):
         chat: Global___ChatMessages | None = ...,
         sampling: Global___SamplingParameters | None = ...,
         stopping: Global___StoppingCriteria | None = ...,
+        priority: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["chat", b"chat", "input", b"input", "prompt", b"prompt", "sampling", b"sampling", "stopping", b"stopping"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["chat", b"chat", "input", b"input", "model", b"model", "prompt", b"prompt", "sampling", b"sampling", "stopping", b"stopping"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chat", b"chat", "input", b"input", "model", b"model", "priority", b"priority", "prompt", b"prompt", "sampling", b"sampling", "stopping", b"stopping"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_input: _TypeAlias = _typing.Literal["prompt", "chat"]  # noqa: Y015
     _WhichOneofArgType_input: _TypeAlias = _typing.Literal["input", b"input"]  # noqa: Y015

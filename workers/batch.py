@@ -23,6 +23,19 @@ def _cache_layers(cache: DynamicCache):
     return [layer for layer in layers if getattr(layer, "keys", None) is not None and layer.keys.numel()]
 
 
+def _last_logits(model, input_ids, mask, positions, cache: DynamicCache) -> torch.Tensor:
+    """One forward pass that fills `cache`; the logits after each row's last position, [rows, vocab]."""
+    out = model(
+        input_ids=input_ids,
+        attention_mask=mask,
+        position_ids=positions,
+        cache=cache,
+        use_cache=True,
+        logits_to_keep=1,
+    )
+    return out.logits[:, -1, :]
+
+
 @dataclass
 class KVBatch:
     cache: DynamicCache
@@ -55,14 +68,7 @@ class KVBatch:
         positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
         # Plain full-length layers for every model: filter/concatenate assume one cache length T.
         cache = DynamicCache()
-        out = model(
-            input_ids=input_ids,
-            attention_mask=mask,
-            position_ids=positions,
-            cache=cache,
-            use_cache=True,
-            logits_to_keep=1,
-        )
+        logits = _last_logits(model, input_ids, mask, positions, cache)
         lengths = mask.sum(dim=1)
         batch = cls(
             cache=cache,
@@ -70,7 +76,7 @@ class KVBatch:
             next_tokens=torch.zeros(len(prompts), dtype=torch.long, device=device),
             next_positions=lengths,
         )
-        return batch, out.logits[:, -1, :]
+        return batch, logits
 
     @staticmethod
     @torch.inference_mode()
@@ -88,15 +94,7 @@ class KVBatch:
         input_ids = torch.tensor([list(tokens)], dtype=torch.long, device=device)
         mask = torch.ones((1, start + length), dtype=torch.long, device=device)
         positions = torch.arange(start, start + length, dtype=torch.long, device=device).unsqueeze(0)
-        out = model(
-            input_ids=input_ids,
-            attention_mask=mask,
-            position_ids=positions,
-            cache=cache,
-            use_cache=True,
-            logits_to_keep=1,
-        )
-        return cache, out.logits[:, -1, :]
+        return cache, _last_logits(model, input_ids, mask, positions, cache)
 
     @staticmethod
     def cache_from(layers: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> DynamicCache:

@@ -17,7 +17,9 @@ from workers.messages import ErrorKind, FinishReason, GenerateCall, SamplingPara
 BUDGET = 16
 
 
-def engine_like(engine, max_step_tokens, max_batch_size=4, max_batch_tokens=400):  # noqa: F811
+def engine_like(engine, max_step_tokens, max_batch_size=4, max_batch_tokens=400, **options):  # noqa: F811
+    """The fixture's model and tokenizer in an engine with other budgets (and `options`: max_overtakes,
+    prefix_cache_bytes)."""
     return Engine(
         engine.model,
         engine.tokenizer,
@@ -26,6 +28,7 @@ def engine_like(engine, max_step_tokens, max_batch_size=4, max_batch_tokens=400)
         max_batch_size=max_batch_size,
         max_batch_tokens=max_batch_tokens,
         max_step_tokens=max_step_tokens,
+        **options,
     )
 
 

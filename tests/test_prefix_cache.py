@@ -11,7 +11,6 @@ import torch
 
 from tests.test_chunked_prefill import BUDGET, call_of_length, engine_like
 from tests.test_engine import engine, run_all  # noqa: F401  (fixture)
-from workers.engine import Engine
 from workers.prefix_cache import PrefixCache
 
 
@@ -67,16 +66,7 @@ def test_the_size_is_bounded_least_recently_used_out_first():
 
 
 def with_prefix_cache(engine, max_step_tokens):  # noqa: F811
-    return Engine(
-        engine.model,
-        engine.tokenizer,
-        device=engine.device,
-        eos_token_ids=engine.eos_token_ids,
-        max_batch_size=4,
-        max_batch_tokens=1000,
-        max_step_tokens=max_step_tokens,
-        prefix_cache_bytes=64 << 20,
-    )
+    return engine_like(engine, max_step_tokens, max_batch_tokens=1000, prefix_cache_bytes=64 << 20)
 
 
 def turns(engine, n_turns=3, system_len=150, seed=0):  # noqa: F811

@@ -13,22 +13,12 @@ from modelpool import build_request
 from modelpool.v1 import generation_pb2_grpc as pb_grpc
 from tests.helpers import load, model_info, wait_until
 from tests.server_process import ServerProcess
-from tests.test_chunked_prefill import call_of_length
+from tests.test_chunked_prefill import call_of_length, engine_like
 from tests.test_engine import engine  # noqa: F401  (fixture)
-from workers.engine import Engine
 
 
 def one_slot_engine(engine, max_overtakes=32):  # noqa: F811
-    return Engine(
-        engine.model,
-        engine.tokenizer,
-        device=engine.device,
-        eos_token_ids=engine.eos_token_ids,
-        max_batch_size=1,
-        max_batch_tokens=400,
-        max_step_tokens=16,
-        max_overtakes=max_overtakes,
-    )
+    return engine_like(engine, 16, max_batch_size=1, max_batch_tokens=400, max_overtakes=max_overtakes)
 
 
 def start_order(e, arrivals=()):

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 import torch
 from transformers import DynamicCache
 
+from workers.kv_cache import GrowableCache
+
 
 def _cache_layers(cache: DynamicCache):
     """The layers of a cache that hold tensors (KV-sharing layers may hold none)."""
@@ -66,8 +68,9 @@ class KVBatch:
             mask[row, longest - len(prompt) :] = 1
         input_ids, mask = input_ids.to(device), mask.to(device)
         positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
-        # Plain full-length layers for every model: filter/concatenate assume one cache length T.
-        cache = DynamicCache()
+        # Plain full-length layers for every model: filter/concatenate assume one cache length T. They grow in
+        # place (workers/kv_cache.py) instead of being concatenated at every step.
+        cache = GrowableCache()
         logits = _last_logits(model, input_ids, mask, positions, cache)
         lengths = mask.sum(dim=1)
         batch = cls(
@@ -89,7 +92,7 @@ class KVBatch:
         A batch of one has no padding: the mask covers the cache and the chunk, and the position ids go on from
         `start`, so the result is that of prefilling the whole prompt at once."""
         if cache is None:
-            cache = DynamicCache()
+            cache = GrowableCache()
         length = len(tokens)
         input_ids = torch.tensor([list(tokens)], dtype=torch.long, device=device)
         mask = torch.ones((1, start + length), dtype=torch.long, device=device)
@@ -100,7 +103,7 @@ class KVBatch:
     def cache_from(layers: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> DynamicCache:
         """A cache of one row holding these keys and values per layer (a stored prompt prefix); they are not
         changed: the cache's updates make new tensors."""
-        cache = DynamicCache()
+        cache = GrowableCache()
         for index, (keys, values) in enumerate(layers):
             cache.update(keys, values, index)
         return cache

@@ -42,10 +42,13 @@ class ServedModel:
         self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=f"tokenize-{self.config.name}")
 
     @classmethod
-    def load(cls, config: ModelConfig) -> ServedModel:
+    def load(cls, config: ModelConfig, path: Path | None = None) -> ServedModel:
+        """Read the model at `path` (resolved from `config.source` when None); ModelSourceError if it cannot be
+        served."""
         from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-        path = model_source.resolve(config.source, config.revision)
+        if path is None:
+            path = model_source.resolve(config.source, config.revision)
         where = f"model {config.name!r} ({config.source})"
         try:
             hf_config = AutoConfig.from_pretrained(path)

@@ -14,7 +14,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from service import metrics, tracing
+from service import metrics, model_source, tracing
 from service.auth import AuthInterceptor, load_tokens
 from service.config import LimitsConfig, ServerConfig
 from service.convert import RequestLimits
@@ -48,12 +48,25 @@ async def serve(config: ServerConfig) -> None:
 
     await set_health(False)
     # Fetching or converting a model can take a while: keep the loop free for nothing else yet, but off it.
-    models = {}
+    paths = {}
     for model_config in config.models:
-        models[model_config.name] = await _in_daemon_thread(ServedModel.load, model_config)
-
+        paths[model_config.name] = await _in_daemon_thread(
+            model_source.resolve, model_config.source, model_config.revision
+        )
+    # Workers start as soon as every model's folder is known, so that their start (importing torch, loading the
+    # weights: most of the time to SERVING) overlaps the frontend's own reading of each model's config and tokenizer.
     dispatcher = Dispatcher(config, loop, on_readiness)
-    dispatcher.start({name: str(model.path) for name, model in models.items()})
+    dispatcher.start({name: str(path) for name, path in paths.items()})
+    models = {}
+    try:
+        for model_config in config.models:
+            models[model_config.name] = await _in_daemon_thread(
+                ServedModel.load, model_config, paths[model_config.name]
+            )
+    except BaseException:
+        # A model the frontend cannot serve fails the start; its workers (already loading) go with it.
+        await dispatcher.stop_workers(timeout=2.0)
+        raise
 
     limits = config.limits
     interceptors = []

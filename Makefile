@@ -9,7 +9,7 @@ METRICS_PORT ?= 8002
 WORKERS ?= 1
 PYTEST_ARGS ?=
 
-.PHONY: setup tools serve test lint proto lint-proto bench clean mutation
+.PHONY: setup tools serve test lint proto lint-proto bench bench-gpu clean mutation
 
 # The stamp is rebuilt when a dependency list changes.
 $(VENV)/.setup-done: pyproject.toml clients/python/pyproject.toml
@@ -62,6 +62,13 @@ proto: setup tools
 
 bench: setup
 	$(PY) -m bench.run
+
+# On a machine with a GPU: a random-weight Qwen2-0.5B-shaped bf16 model served with --devices 0 against the
+# in-process static batch at C = 1, 32, 128; appends to bench/RESULTS.md. Then run tests/test_gpu.py too.
+# `python -m bench.gpu --dry-run` (in the tests) rehearses it on the CPU.
+bench-gpu: setup
+	$(PY) -m bench.gpu
+	$(PY) -m pytest -ra tests/test_gpu.py
 
 # Mutation testing (not run by CI; about an hour on 2 cores): mutmut mutates the modules in [tool.mutmut] of
 # pyproject.toml and runs the fast tests listed there against each mutant, in mutants/ (git-ignored, made afresh

@@ -6,11 +6,11 @@ time on a free 127.0.0.1 port:
 - modelpool (`python -m service.cli --model M`): launch → the standard health
   service says SERVING (polled every 50 ms), and launch → the first unary
   `Generate` of one token has its answer;
-- `transformers serve --force-model M` (when transformers' serving extras,
-  fastapi, uvicorn and openai, are installed; else the reason is printed):
+- `transformers serve M` (M given as its FORCE_MODEL, which it loads at
+  start, as modelpool does before SERVING), when transformers' serving extras
+  (fastapi, uvicorn, openai) are installed, else the reason is printed:
   launch → its HTTP port answers `/v1/models`, and launch → the first chat
-  completion of one token has its answer. `--force-model` loads the model at
-  start, which is what SERVING means for modelpool.
+  completion of one token has its answer.
 
 The first answer is the fair comparison (a server that reports ready before its
 model is loaded only moves the wait). Medians are printed as a Markdown table.
@@ -93,14 +93,27 @@ def transformers_serve_missing() -> str | None:
         return f"transformers has no serve command ({exc})"
     if not is_serve_available():
         return "transformers' serving extras are not installed (pip install 'transformers[serving]')"
-    if shutil.which("transformers") is None:
-        return "the transformers command is not on PATH"
+    if _transformers_command() is None:
+        return "the transformers command is not beside this Python nor on PATH"
     return None
+
+
+def _transformers_command() -> str | None:
+    beside = Path(sys.executable).parent / "transformers"
+    return str(beside) if beside.exists() else shutil.which("transformers")
 
 
 def measure_transformers_serve(model_path: Path, out_dir: Path, timeout_s: float) -> tuple[float, float]:
     port = free_port()
-    command = ["transformers", "serve", "--force-model", str(model_path), "--host", HOST, "--port", str(port)]
+    command = [
+        str(_transformers_command()),
+        "serve",
+        str(model_path),
+        "--host",
+        HOST,
+        "--port",
+        str(port),
+    ]
     server = ServerProcess("transformers-serve", command, port, out_dir / "startup_transformers_serve.log")
     base = f"http://{HOST}:{port}"
 

@@ -206,14 +206,15 @@ def profile(engine, concurrency: int, max_new_tokens: int, first_id: int) -> dic
     }
 
 
-def load(model_spec: str, threads: int, max_batch_size: int, dtype: str):
+def load(model_spec: str, threads: int, max_batch_size: int, dtype: str, **spec):
+    """The engine as a worker loads it; `spec`: more WorkerSpec fields (max_batch_tokens, ...)."""
     import torch
 
     from workers.messages import WorkerSpec
     from workers.worker_main import load_engine
 
     torch.set_num_threads(threads)
-    spec = WorkerSpec(
+    worker_spec = WorkerSpec(
         worker_key="bench/0",
         model_name="bench",
         model_path=str(resolve_model(model_spec)),
@@ -221,8 +222,9 @@ def load(model_spec: str, threads: int, max_batch_size: int, dtype: str):
         threads=threads,
         max_batch_size=max_batch_size,
         dtype=dtype,
+        **spec,
     )
-    engine, _ = load_engine(spec)
+    engine, _ = load_engine(worker_spec)
     return engine
 
 

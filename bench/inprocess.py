@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import statistics
 import sys
 import time
@@ -166,7 +167,7 @@ def engine_throughput(
     import torch
 
     from workers.messages import WorkerSpec
-    from workers.worker_main import load_engine
+    from workers.worker_main import default_environment, load_engine
 
     torch.set_num_threads(threads)
     path = resolve_model(model_spec)
@@ -178,6 +179,9 @@ def engine_throughput(
         threads=threads,
         max_batch_size=max_batch_size,
     )
+    # The environment a worker process gives itself (thread count aside, set above).
+    for name, value in default_environment(spec).items():
+        os.environ.setdefault(name, value)
     engine, _ = load_engine(spec)
     _engine_round(engine, concurrency, _WARM_UP_TOKENS, first_id=1)
     runs = [_engine_round(engine, concurrency, max_new_tokens, first_id=(r + 1) * 10_000) for r in range(rounds)]

@@ -32,6 +32,7 @@ import argparse
 import contextlib
 import functools
 import logging
+import os
 import pickle
 import statistics
 import sys
@@ -211,7 +212,7 @@ def load(model_spec: str, threads: int, max_batch_size: int, dtype: str, **spec)
     import torch
 
     from workers.messages import WorkerSpec
-    from workers.worker_main import load_engine
+    from workers.worker_main import default_environment, load_engine
 
     torch.set_num_threads(threads)
     worker_spec = WorkerSpec(
@@ -224,6 +225,9 @@ def load(model_spec: str, threads: int, max_batch_size: int, dtype: str, **spec)
         dtype=dtype,
         **spec,
     )
+    # The environment a worker process gives itself (thread count aside, set above).
+    for name, value in default_environment(worker_spec).items():
+        os.environ.setdefault(name, value)
     engine, _ = load_engine(worker_spec)
     return engine
 

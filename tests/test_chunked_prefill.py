@@ -155,3 +155,22 @@ def test_first_event_carries_the_start_time_once(engine, max_step_tokens):  # no
         events += e.step()[1]
     assert [ev.completion_tokens for ev in events] == [1, 2, 3]
     assert before <= events[0].start_time <= time.time() and [ev.start_time for ev in events[1:]] == [None, None]
+
+
+def test_grouped_query_attention_read_in_place_gives_the_same_tokens(engine, monkeypatch):  # noqa: F811
+    """CPU workers set TRANSFORMERS_SDPA_FORCE_GQA (workers/worker_main.py): the tiny model has 4 query heads over 2
+    key/value heads, and reading them in place must not change a token, whole or chunked, alone or batched."""
+    from workers.messages import WorkerSpec
+    from workers.worker_main import default_environment
+
+    assert default_environment(WorkerSpec("m/0", "m", "/m", cuda_visible_devices=""))["TRANSFORMERS_SDPA_FORCE_GQA"]
+    assert "TRANSFORMERS_SDPA_FORCE_GQA" not in default_environment(WorkerSpec("m/0", "m", "/m", "0"))
+    assert engine.model.config.num_key_value_heads < engine.model.config.num_attention_heads
+
+    def tokens(force: str, budget: int):
+        monkeypatch.setenv("TRANSFORMERS_SDPA_FORCE_GQA", force)
+        calls = [call_of_length(i, engine, length, max_new=12) for i, length in enumerate(LENGTHS)]
+        return run_all(engine_like(engine, budget, max_batch_tokens=1000), calls)
+
+    for budget in (0, BUDGET):
+        assert tokens("1", budget) == tokens("0", budget), f"max_step_tokens {budget}"

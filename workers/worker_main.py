@@ -189,12 +189,24 @@ def serve_loop(spec: WorkerSpec, engine, inbox, results) -> None:
             )
 
 
+def default_environment(spec: WorkerSpec) -> dict[str, str]:
+    """Variables a worker sets unless its environment already does."""
+    env = {"OMP_NUM_THREADS": str(spec.threads), "TOKENIZERS_PARALLELISM": "false"}
+    if not spec.cuda_visible_devices:
+        # A CPU worker: attention reads grouped key/value heads in place (SDPA's enable_gqa) instead of
+        # transformers copying every cached key and value once per query head in every layer at every step, a
+        # copy that grows with the context (a 32-token prompt chunk at a 6k context: 0.35 s instead of 0.73 s; same
+        # tokens). Not on a GPU, where with an attention mask it would force SDPA's slowest kernel.
+        env["TRANSFORMERS_SDPA_FORCE_GQA"] = "1"
+    return env
+
+
 def run_worker(spec: WorkerSpec, inbox, results) -> None:
     """Process entry point (spawn target). `inbox`: a pipe's read end; `results`: another pipe's write end."""
     # Before torch is imported: which GPUs this process sees, and how many CPU threads it uses.
     os.environ["CUDA_VISIBLE_DEVICES"] = spec.cuda_visible_devices
-    os.environ.setdefault("OMP_NUM_THREADS", str(spec.threads))
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    for name, value in default_environment(spec).items():
+        os.environ.setdefault(name, value)
     # No progress bars in a worker's log; tqdm's bar also takes a multiprocessing lock (a named semaphore) that a
     # killed worker would leave to the resource tracker, which then warns about it at the server's exit.
     os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"

@@ -19,7 +19,7 @@ import statistics
 import sys
 import time
 
-from bench.inprocess import chat_token_ids
+from bench.inprocess import add_chat_requests
 from bench.step_profile import load
 
 _LOGGER = logging.getLogger(__name__)
@@ -27,21 +27,11 @@ _LOGGER = logging.getLogger(__name__)
 
 def engine_round(engine, concurrency: int, max_new_tokens: int, first_id: int) -> tuple[float, list[list[int]]]:
     """C requests at once, stepped to completion; (tok/s, the tokens of each request)."""
-    from workers.messages import FinishReason, GenerateCall, SamplingParams, StoppingParams
+    from workers.messages import FinishReason
 
-    stopping = StoppingParams(max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens, ignore_eos=True)
     tokens: dict[int, list[int]] = {first_id + i: [] for i in range(concurrency)}
     started = time.perf_counter()
-    for i in range(concurrency):
-        call = GenerateCall(
-            request_id=first_id + i,
-            prompt_token_ids=tuple(chat_token_ids(engine.tokenizer, i)),
-            sampling=SamplingParams(),
-            stopping=stopping,
-            arrival_time=time.time(),
-        )
-        if engine.add(call) is not None:
-            raise RuntimeError(f"request {i} refused")
+    add_chat_requests(engine, concurrency, max_new_tokens, first_id)
     for _ in range(4 * concurrency * (max_new_tokens + 2) + 100):
         if not engine.has_work:
             break

@@ -127,12 +127,12 @@ def _step_limit(concurrency: int, max_new_tokens: int) -> int:
     return 2 * concurrency * (max_new_tokens + 2) + 100
 
 
-def _engine_round(engine, concurrency: int, max_new_tokens: int, first_id: int) -> tuple[int, float]:
-    """Add `concurrency` requests at once and step until all are done; returns (tokens, seconds)."""
-    from workers.messages import FinishReason, GenerateCall, SamplingParams, StoppingParams
+def add_chat_requests(engine, concurrency: int, max_new_tokens: int, first_id: int) -> None:
+    """The load generator's first `concurrency` chat prompts, ids from `first_id`, each asking for exactly
+    `max_new_tokens` greedy tokens (ignore_eos), added to the engine at once."""
+    from workers.messages import GenerateCall, SamplingParams, StoppingParams
 
     stopping = StoppingParams(max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens, ignore_eos=True)
-    started = time.perf_counter()
     for i in range(concurrency):
         call = GenerateCall(
             request_id=first_id + i,
@@ -144,6 +144,14 @@ def _engine_round(engine, concurrency: int, max_new_tokens: int, first_id: int) 
         error = engine.add(call)
         if error is not None:
             raise RuntimeError(f"engine refused request {i}: {error.error}")
+
+
+def _engine_round(engine, concurrency: int, max_new_tokens: int, first_id: int) -> tuple[int, float]:
+    """Add `concurrency` requests at once and step until all are done; returns (tokens, seconds)."""
+    from workers.messages import FinishReason
+
+    started = time.perf_counter()
+    add_chat_requests(engine, concurrency, max_new_tokens, first_id)
     tokens = 0
     steps, max_steps = 0, _step_limit(concurrency, max_new_tokens)
     while engine.has_work:

@@ -40,7 +40,7 @@ import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator
 
-from bench.inprocess import chat_token_ids, resolve_model
+from bench.inprocess import add_chat_requests, resolve_model
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -154,21 +154,9 @@ def frontend_cost(events, clock: Clock) -> None:
 
 def profile(engine, concurrency: int, max_new_tokens: int, first_id: int) -> dict:
     """One round of C requests, stepped to completion with the timers on; per-step figures."""
-    from workers.messages import FinishReason, GenerateCall, SamplingParams, StoppingParams
+    from workers.messages import FinishReason
 
-    stopping = StoppingParams(max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens, ignore_eos=True)
-    for i in range(concurrency):
-        error = engine.add(
-            GenerateCall(
-                request_id=first_id + i,
-                prompt_token_ids=tuple(chat_token_ids(engine.tokenizer, i)),
-                sampling=SamplingParams(),
-                stopping=stopping,
-                arrival_time=time.time(),
-            )
-        )
-        if error is not None:
-            raise RuntimeError(f"engine refused request {i}: {error.error}")
+    add_chat_requests(engine, concurrency, max_new_tokens, first_id)
     totals: dict[str, float] = defaultdict(float)
     decode_steps: list[float] = []
     steps = tokens = 0

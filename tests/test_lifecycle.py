@@ -21,6 +21,7 @@ from tests.conftest import write_config
 from tests.helpers import metric, model_info, wait_until
 from tests.server_process import REPO, ServerProcess
 from workers import builtin_model
+from workers.faults import ENV
 
 
 def parse(*argv: str):
@@ -178,8 +179,14 @@ def test_a_model_that_fails_to_load_is_retried_with_back_off(tmp_path, tiny_dir)
 
 @pytest.mark.slow
 def test_startup_is_unavailable_until_a_worker_is_ready(tmp_path, tiny_dir):
-    """From the moment the server listens until its worker has loaded, calls get UNAVAILABLE naming the model."""
-    proc = ServerProcess(["--model", str(tiny_dir), "--name", "tiny"], tmp_path / "server.log")
+    """From the moment the server listens until its worker has loaded, calls get UNAVAILABLE naming the model.
+
+    Workers start loading before the frontend listens (start-up is faster so), so the tiny model could be ready
+    before the first call: its worker waits for a gate file (an injected fault) until the refusal was seen."""
+    gate = tmp_path / "load-gate"
+    proc = ServerProcess(
+        ["--model", str(tiny_dir), "--name", "tiny"], tmp_path / "server.log", env={ENV: f"tiny:load_gate={gate}"}
+    )
     codes = set()
     try:
         deadline = time.monotonic() + 180
@@ -192,6 +199,7 @@ def test_startup_is_unavailable_until_a_worker_is_ready(tmp_path, tiny_dir):
                 except grpc.RpcError as error:
                     if "no worker of model 'tiny' is ready" in (error.details() or ""):
                         codes.add(error.code().name)
+                        gate.touch()
                     else:  # not listening yet: the connection itself fails
                         assert error.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED), error
                     time.sleep(0.05)

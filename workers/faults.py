@@ -7,6 +7,8 @@ recovery in the engine, the frontend's load timeout) is the real one.
 
 Each entry is `<model name>:<fault>[=<value>]`; faults of other models are ignored.
 - `load_hang`: the worker never finishes loading its model.
+- `load_gate=PATH`: the worker starts loading its model only once PATH exists, so
+  that a test can hold it in the loading state for as long as it needs.
 - `oom_prompt_tokens=N`: a prefill (or a prompt chunk) whose prompt reaches past
   N tokens runs out of device memory (`torch.OutOfMemoryError`, as CUDA raises it).
 - `slow_step_ms=N`: every forward pass takes N ms longer, like a slow device, so
@@ -25,6 +27,7 @@ ENV = "MODELPOOL_FAULTS"
 @dataclass(frozen=True)
 class Faults:
     load_hang: bool = False
+    load_gate: str = ""
     oom_prompt_tokens: int = 0
     slow_step_ms: int = 0
 
@@ -39,6 +42,8 @@ class Faults:
             name, _, value = fault.partition("=")
             if name == "load_hang":
                 values["load_hang"] = True
+            elif name == "load_gate":
+                values["load_gate"] = value
             elif name in ("oom_prompt_tokens", "slow_step_ms"):
                 values[name] = int(value)
             else:

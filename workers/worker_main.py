@@ -230,6 +230,10 @@ def run_worker(spec: WorkerSpec, inbox, results) -> None:
         _LOGGER.warning("%s: injected fault: hanging instead of loading", spec.worker_key)
         while True:
             time.sleep(3600)
+    if faults.load_gate:
+        _LOGGER.warning("%s: injected fault: waiting for %s before loading", spec.worker_key, faults.load_gate)
+        while not os.path.exists(faults.load_gate):
+            time.sleep(0.05)
     # Removed however the worker ends but killed (then it is left in the temporary folder).
     offload = OffloadFolder(spec.worker_key, spec.offload_folder)
     try:

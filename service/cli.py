@@ -33,6 +33,9 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
         "--max-step-tokens", type=int, default=None, help="tokens per engine step (prompt chunks); 0 = unchunked"
     )
     parser.add_argument("--prefix-cache-mib", type=int, default=None, help="prompt prefix cache per worker; 0 = off")
+    parser.add_argument(
+        "--max-overtakes", type=int, default=None, help="a request overtaken this many times by priority goes first"
+    )
     parser.add_argument("--max-queue", type=int, default=None)
     parser.add_argument("--host", default=None, help="address to listen on (default 127.0.0.1)")
     parser.add_argument("--port", type=int, default=None, help="gRPC port (default 50051)")
@@ -88,7 +91,14 @@ def config_from_args(args: argparse.Namespace) -> config_module.ServerConfig:
         **server,
     )
     model = cfg.models[0]
-    for key in ("max_batch_size", "max_batch_tokens", "max_step_tokens", "prefix_cache_mib", "max_queue"):
+    for key in (
+        "max_batch_size",
+        "max_batch_tokens",
+        "max_step_tokens",
+        "prefix_cache_mib",
+        "max_overtakes",
+        "max_queue",
+    ):
         if getattr(args, key) is not None:
             setattr(model, key, getattr(args, key))
     _apply_security_flags(cfg, args)

@@ -36,6 +36,7 @@ max_batch_tokens = 16384     # prompt + max_new_tokens of every running sequence
 max_step_tokens = 512        # tokens one engine step computes (decodes + prompt chunks); 0 = whole prompts at once;
                              # unset: 512 for a CPU worker, 2048 for a GPU worker (at least 2 x max_batch_size)
 prefix_cache_mib = 0         # keys/values of recent prompt prefixes kept per worker for reuse; 0 = off
+max_overtakes = 32           # a waiting request overtaken this many times (by higher priorities) goes first
 max_queue = 256              # accepted requests waiting beyond the running capacity
 default_max_new_tokens = 256
 max_input_bytes = 0          # prompt or chat contents, in bytes; 0 = 32 x the context length
@@ -150,6 +151,8 @@ class ModelConfig:
     # MiB per worker for the keys and values of recently seen prompt prefixes (64-token blocks, least recently
     # used out first), reused when a prompt starts with one; 0: off.
     prefix_cache_mib: int = 0
+    # A waiting request that higher-priority ones overtook this many times is admitted next: none waits forever.
+    max_overtakes: int = 32
     max_queue: int = 256
     default_max_new_tokens: int = 256
     # Prompt (or all chat contents) in bytes; larger input is refused before tokenizing. 0: 32 x context length.
@@ -238,7 +241,7 @@ class ServerConfig:
             where = f"models[{m.name}]"
             if not m.name:
                 raise ConfigError("models.name: must not be empty")
-            for key in ("max_batch_size", "max_batch_tokens", "default_max_new_tokens"):
+            for key in ("max_batch_size", "max_batch_tokens", "default_max_new_tokens", "max_overtakes"):
                 if getattr(m, key) < 1:
                     raise ConfigError(f"{where}.{key}: must be at least 1")
             for key in ("max_queue", "max_input_bytes", "max_prompt_tokens", "max_new_tokens", "prefix_cache_mib"):
@@ -278,6 +281,7 @@ class ServerConfig:
                         max_batch_tokens=model.max_batch_tokens,
                         max_step_tokens=self._step_tokens(model, group),
                         prefix_cache_bytes=model.prefix_cache_mib << 20,
+                        max_overtakes=model.max_overtakes,
                         memory_interval_s=self.memory_interval_s,
                     )
                 )

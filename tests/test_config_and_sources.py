@@ -52,6 +52,7 @@ device_map = { "model" = 0, "lm_head" = 0 }
         ("[[models]]\nname='m'\nmax_batch_size=32\nmax_step_tokens=32", "max_step_tokens"),
         ("[[models]]\nname='m'\nmax_step_tokens=-1", "max_step_tokens"),
         ("[[models]]\nname='m'\nprefix_cache_mib=-1", "prefix_cache_mib"),
+        ("[[models]]\nname='m'\nmax_overtakes=0", "max_overtakes"),
     ],
 )
 def test_config_errors_name_the_key(tmp_path, text, key):
@@ -73,6 +74,9 @@ def test_step_token_budget_by_device_unless_set():
     for chosen in (0, 301, 4096):
         cfg.models[0].max_step_tokens = chosen
         assert {s.max_step_tokens for s in cfg.validate().worker_specs(cfg.models[0], "/x")} == {chosen}
+    assert {s.max_overtakes for s in cfg.worker_specs(cfg.models[0], "/x")} == {32}
+    cfg.models[0].max_overtakes = 5
+    assert {s.max_overtakes for s in cfg.validate().worker_specs(cfg.models[0], "/x")} == {5}
 
 
 def test_flags_split_devices_among_workers():

@@ -17,9 +17,13 @@ def engine(tiny_dir):
 
     torch.set_num_threads(1)
     spec = WorkerSpec(worker_key="t/0", model_name="t", model_path=str(tiny_dir), cuda_visible_devices="",
-                      max_batch_size=4, max_batch_tokens=400)
+                      max_batch_size=4, max_batch_tokens=400, max_overtakes=7)
     engine, _ = load_engine(spec)
     return engine
+
+
+def test_the_worker_spec_sets_the_engine_budgets(engine):
+    assert (engine.max_batch_size, engine.max_batch_tokens, engine.scheduler.budgets.max_overtakes) == (4, 400, 7)
 
 
 def make_call(request_id, engine, prompt, max_new=12, **sampling):

@@ -98,6 +98,7 @@ class WorkerSpec:
     max_step_tokens: int = 512
     # Bytes of recently seen prompt prefixes' keys and values kept for reuse; 0 = no prefix cache.
     prefix_cache_bytes: int = 0
+    max_overtakes: int = 32
     memory_interval_s: float = 2.0
 
 

@@ -102,6 +102,7 @@ def load_engine(spec: WorkerSpec, offload=None):
         max_batch_tokens=spec.max_batch_tokens,
         max_step_tokens=spec.max_step_tokens,
         prefix_cache_bytes=spec.prefix_cache_bytes,
+        max_overtakes=spec.max_overtakes,
     )
     devices, summary = describe(model)
     ready = WorkerReady(

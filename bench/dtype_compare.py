@@ -17,33 +17,10 @@ import argparse
 import logging
 import statistics
 import sys
-import time
 
-from bench.inprocess import add_chat_requests
-from bench.step_profile import load
+from bench.inprocess import engine_round, load_worker_engine
 
 _LOGGER = logging.getLogger(__name__)
-
-
-def engine_round(engine, concurrency: int, max_new_tokens: int, first_id: int) -> tuple[float, list[list[int]]]:
-    """C requests at once, stepped to completion; (tok/s, the tokens of each request)."""
-    from workers.messages import FinishReason
-
-    tokens: dict[int, list[int]] = {first_id + i: [] for i in range(concurrency)}
-    started = time.perf_counter()
-    add_chat_requests(engine, concurrency, max_new_tokens, first_id)
-    for _ in range(4 * concurrency * (max_new_tokens + 2) + 100):
-        if not engine.has_work:
-            break
-        for event in engine.step()[1]:
-            if event.finish_reason is FinishReason.ERROR:
-                raise RuntimeError(event.error)
-            tokens[event.request_id].extend(event.token_ids)
-    seconds = time.perf_counter() - started
-    rows = [tokens[first_id + i] for i in range(concurrency)]
-    if any(len(row) != max_new_tokens for row in rows):
-        raise RuntimeError("a request did not get its N tokens")
-    return concurrency * max_new_tokens / seconds, rows
 
 
 def first_difference(a: list[int], b: list[int]) -> int | None:
@@ -62,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     levels = [int(c) for c in args.concurrency.split(",")]
     dtypes = args.dtypes.split(",")
-    engines = {dtype: load(args.model, args.threads, max(levels), dtype) for dtype in dtypes}
+    engines = {dtype: load_worker_engine(args.model, args.threads, max(levels), dtype) for dtype in dtypes}
     for engine in engines.values():
         engine_round(engine, max(levels), 4, first_id=1)  # warm-up
     speed: dict[tuple[str, int], list[float]] = {}
@@ -72,7 +49,8 @@ def main(argv: list[str] | None = None) -> int:
         for _ in range(args.rounds):
             for dtype, engine in engines.items():
                 request_id += 1000
-                rate, rows = engine_round(engine, concurrency, args.max_new_tokens, request_id)
+                rows, seconds = engine_round(engine, concurrency, args.max_new_tokens, request_id)
+                rate = concurrency * args.max_new_tokens / seconds
                 speed.setdefault((dtype, concurrency), []).append(rate)
                 if concurrency == max(levels):
                     outputs[dtype] = rows

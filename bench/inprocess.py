@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import statistics
 import sys
 import time
@@ -146,13 +145,14 @@ def add_chat_requests(engine, concurrency: int, max_new_tokens: int, first_id: i
             raise RuntimeError(f"engine refused request {i}: {error.error}")
 
 
-def _engine_round(engine, concurrency: int, max_new_tokens: int, first_id: int) -> tuple[int, float]:
-    """Add `concurrency` requests at once and step until all are done; returns (tokens, seconds)."""
+def engine_round(engine, concurrency: int, max_new_tokens: int, first_id: int) -> tuple[list[list[int]], float]:
+    """Add `concurrency` chat requests at once and step until all are done; returns (each request's tokens,
+    seconds). RuntimeError on a failed request, a wrong length, or far more steps than the work needs."""
     from workers.messages import FinishReason
 
     started = time.perf_counter()
     add_chat_requests(engine, concurrency, max_new_tokens, first_id)
-    tokens = 0
+    tokens: dict[int, list[int]] = {first_id + i: [] for i in range(concurrency)}
     steps, max_steps = 0, _step_limit(concurrency, max_new_tokens)
     while engine.has_work:
         steps += 1
@@ -162,38 +162,47 @@ def _engine_round(engine, concurrency: int, max_new_tokens: int, first_id: int) 
         for event in events:
             if event.finish_reason is FinishReason.ERROR:
                 raise RuntimeError(f"engine failed request {event.request_id}: {event.error}")
-            tokens += len(event.token_ids)
+            tokens[event.request_id].extend(event.token_ids)
     seconds = time.perf_counter() - started
-    if tokens != concurrency * max_new_tokens:
-        raise RuntimeError(f"engine generated {tokens} tokens, not {concurrency} x {max_new_tokens}")
-    return tokens, seconds
+    rows = [tokens[first_id + i] for i in range(concurrency)]
+    generated = sum(len(row) for row in rows)
+    if any(len(row) != max_new_tokens for row in rows):
+        raise RuntimeError(f"engine generated {generated} tokens, not {concurrency} x {max_new_tokens}")
+    return rows, seconds
+
+
+def load_worker_engine(model_spec: str, threads: int, max_batch_size: int, dtype: str = "auto", **spec):
+    """The Engine as a worker loads it, in a worker's environment (on the CPU); `spec`: more WorkerSpec fields
+    (max_batch_tokens, max_step_tokens, ...)."""
+    import torch
+
+    from workers.messages import WorkerSpec
+    from workers.worker_main import apply_default_environment, load_engine
+
+    torch.set_num_threads(threads)
+    worker_spec = WorkerSpec(
+        worker_key="bench/0",
+        model_name="bench",
+        model_path=str(resolve_model(model_spec)),
+        cuda_visible_devices="",
+        threads=threads,
+        max_batch_size=max_batch_size,
+        dtype=dtype,
+        **spec,
+    )
+    apply_default_environment(worker_spec)  # its thread count is set above, in this process already running
+    engine, _ = load_engine(worker_spec)
+    return engine
 
 
 def engine_throughput(
     model_spec: str, concurrency: int, max_new_tokens: int, rounds: int, max_batch_size: int, threads: int
 ) -> dict:
-    import torch
-
-    from workers.messages import WorkerSpec
-    from workers.worker_main import default_environment, load_engine
-
-    torch.set_num_threads(threads)
     path = resolve_model(model_spec)
-    spec = WorkerSpec(
-        worker_key="bench/0",
-        model_name="bench",
-        model_path=str(path),
-        cuda_visible_devices="",
-        threads=threads,
-        max_batch_size=max_batch_size,
-    )
-    # The environment a worker process gives itself (thread count aside, set above).
-    for name, value in default_environment(spec).items():
-        os.environ.setdefault(name, value)
-    engine, _ = load_engine(spec)
-    _engine_round(engine, concurrency, _WARM_UP_TOKENS, first_id=1)
-    runs = [_engine_round(engine, concurrency, max_new_tokens, first_id=(r + 1) * 10_000) for r in range(rounds)]
-    tokens = sum(t for t, _ in runs)
+    engine = load_worker_engine(str(path), threads, max_batch_size)
+    engine_round(engine, concurrency, _WARM_UP_TOKENS, first_id=1)
+    runs = [engine_round(engine, concurrency, max_new_tokens, first_id=(r + 1) * 10_000) for r in range(rounds)]
+    tokens = concurrency * max_new_tokens * rounds
     seconds = sum(s for _, s in runs)
     result = {
         "kind": "engine",

@@ -32,7 +32,6 @@ import argparse
 import contextlib
 import functools
 import logging
-import os
 import pickle
 import statistics
 import sys
@@ -40,7 +39,7 @@ import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator
 
-from bench.inprocess import add_chat_requests, resolve_model
+from bench.inprocess import add_chat_requests, load_worker_engine
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -195,31 +194,6 @@ def profile(engine, concurrency: int, max_new_tokens: int, first_id: int) -> dic
     }
 
 
-def load(model_spec: str, threads: int, max_batch_size: int, dtype: str, **spec):
-    """The engine as a worker loads it; `spec`: more WorkerSpec fields (max_batch_tokens, ...)."""
-    import torch
-
-    from workers.messages import WorkerSpec
-    from workers.worker_main import default_environment, load_engine
-
-    torch.set_num_threads(threads)
-    worker_spec = WorkerSpec(
-        worker_key="bench/0",
-        model_name="bench",
-        model_path=str(resolve_model(model_spec)),
-        cuda_visible_devices="",
-        threads=threads,
-        max_batch_size=max_batch_size,
-        dtype=dtype,
-        **spec,
-    )
-    # The environment a worker process gives itself (thread count aside, set above).
-    for name, value in default_environment(worker_spec).items():
-        os.environ.setdefault(name, value)
-    engine, _ = load_engine(worker_spec)
-    return engine
-
-
 def render(results: list[dict]) -> str:
     levels = [r["concurrency"] for r in results]
     header = ["phase"] + [f"C={c} ms/step" for c in levels] + [f"C={c} %" for c in levels]
@@ -249,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     levels = [int(c) for c in args.concurrency.split(",") if c.strip()]
-    engine = load(args.model, args.threads, max(levels), args.dtype)
+    engine = load_worker_engine(args.model, args.threads, max(levels), args.dtype)
     profile(engine, max(levels), 4, first_id=1)  # warm-up
     results = [profile(engine, c, args.max_new_tokens, first_id=(i + 1) * 10_000) for i, c in enumerate(levels)]
     print(f"Step profile: {args.model}, {args.dtype}, N = {args.max_new_tokens}, {args.threads} threads\n")

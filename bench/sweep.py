@@ -27,8 +27,8 @@ import statistics
 import sys
 import time
 
+from bench.inprocess import load_worker_engine
 from bench.run import render_table
-from bench.step_profile import load
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -103,7 +103,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     # Whole prompts in one step (max_step_tokens 0): every cell's C prompts are prefilled together, so that all C
     # decode together afterwards (chunked, the first could finish before the last joins).
-    engine = load(args.model, args.threads, max(levels), args.dtype, max_batch_tokens=room, max_step_tokens=0)
+    engine = load_worker_engine(
+        args.model, args.threads, max(levels), args.dtype, max_batch_tokens=room, max_step_tokens=0
+    )
     measure(engine, 2, 16, 4, first_id=1)  # warm-up
     rows = []
     request_id = 1000

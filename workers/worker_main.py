@@ -202,12 +202,17 @@ def default_environment(spec: WorkerSpec) -> dict[str, str]:
     return env
 
 
+def apply_default_environment(spec: WorkerSpec) -> None:
+    """Set `default_environment(spec)` where the environment does not already; before torch is imported."""
+    for name, value in default_environment(spec).items():
+        os.environ.setdefault(name, value)
+
+
 def run_worker(spec: WorkerSpec, inbox, results) -> None:
     """Process entry point (spawn target). `inbox`: a pipe's read end; `results`: another pipe's write end."""
     # Before torch is imported: which GPUs this process sees, and how many CPU threads it uses.
     os.environ["CUDA_VISIBLE_DEVICES"] = spec.cuda_visible_devices
-    for name, value in default_environment(spec).items():
-        os.environ.setdefault(name, value)
+    apply_default_environment(spec)
     # No progress bars in a worker's log; tqdm's bar also takes a multiprocessing lock (a named semaphore) that a
     # killed worker would leave to the resource tracker, which then warns about it at the server's exit.
     os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"

@@ -17,7 +17,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from service import model_source
 from service.config import ModelConfig
 from service.convert import ParsedRequest
 from service.errors import InvalidArgument
@@ -42,13 +41,11 @@ class ServedModel:
         self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=f"tokenize-{self.config.name}")
 
     @classmethod
-    def load(cls, config: ModelConfig, path: Path | None = None) -> ServedModel:
-        """Read the model at `path` (resolved from `config.source` when None); ModelSourceError if it cannot be
-        served."""
+    def load(cls, config: ModelConfig, path: Path) -> ServedModel:
+        """Read the model at `path` (`model_source.resolve` of the config's source); ModelSourceError if it cannot
+        be served."""
         from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-        if path is None:
-            path = model_source.resolve(config.source, config.revision)
         where = f"model {config.name!r} ({config.source})"
         try:
             hf_config = AutoConfig.from_pretrained(path)

@@ -144,7 +144,7 @@ def test_an_architecture_transformers_cannot_generate_with_is_refused(tiny_dir, 
     shutil.copytree(tiny_dir, folder)
     (folder / "config.json").write_text(json.dumps({"model_type": model_type}))
     with pytest.raises(ModelSourceError, match=f"model 'odd' \\({folder}\\): .*{message}"):
-        ServedModel.load(ModelConfig(name="odd", source=str(folder)))
+        ServedModel.load(ModelConfig(name="odd", source=str(folder)), model_source.resolve(str(folder)))
 
 
 def test_serve_exits_non_zero_before_serving_half_a_config(tiny_dir, tmp_path):

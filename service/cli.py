@@ -27,6 +27,12 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     parser.add_argument("--dtype", default="auto", help="auto, bfloat16, float16 or float32")
     parser.add_argument("--device-map", default="auto", help="auto, balanced, balanced_low_0 or sequential")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads per worker (0: split the cores)")
+    parser.add_argument(
+        "--cpu-linear",
+        choices=("onednn", "aten"),
+        default="onednn",
+        help="matrix products of a float32 model on the CPU: oneDNN on weights packed at load, or torch's own",
+    )
     parser.add_argument("--max-batch-size", type=int, default=None)
     parser.add_argument("--max-batch-tokens", type=int, default=None)
     parser.add_argument(
@@ -88,6 +94,7 @@ def config_from_args(args: argparse.Namespace) -> config_module.ServerConfig:
         device_map=args.device_map,
         threads=args.threads,
         name=args.name,
+        cpu_linear=args.cpu_linear,
         **server,
     )
     model = cfg.models[0]

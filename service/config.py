@@ -51,6 +51,7 @@ max_memory = { 0 = "20GiB", 1 = "20GiB", cpu = "30GiB" }   # keys: GPU index as 
 offload_folder = ""          # a folder of the worker's own is made in it for rewritten offloaded weights; "" = TMPDIR
 replicas = 1                 # identical workers with these settings
 threads = 0                  # torch CPU threads; 0 = split the machine's cores among CPU workers
+cpu_linear = "onednn"        # a float32 model whole on the CPU: oneDNN products on weights packed at load, or "aten"
 ```
 
 Placement: devices are GPU indices as the worker sees them (0 is the first of `devices`), "cpu" or "disk". A
@@ -74,6 +75,7 @@ from workers.messages import WorkerSpec
 
 _DTYPES = ("auto", "bfloat16", "bf16", "float16", "fp16", "float32", "fp32")
 _DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
+_CPU_LINEAR = ("onednn", "aten")  # workers/packed_linear.py
 # What accelerate reads as a size: bytes, or a number with one of these units (its lower-case "b" means bits).
 _SIZE = re.compile(r"\d+(\.\d+)?(GiB|MiB|KiB|GB|MB|KB)")
 
@@ -91,10 +93,13 @@ class WorkerGroupConfig:
     offload_folder: str = ""
     replicas: int = 1
     threads: int = 0
+    cpu_linear: str = "onednn"
 
     def validate(self, where: str) -> None:
         if self.dtype not in _DTYPES:
             raise ConfigError(f"{where}.dtype: {self.dtype!r} is not one of {_DTYPES}")
+        if self.cpu_linear not in _CPU_LINEAR:
+            raise ConfigError(f"{where}.cpu_linear: {self.cpu_linear!r} is not one of {_CPU_LINEAR}")
         if isinstance(self.device_map, dict):
             if not self.device_map:
                 raise ConfigError(f"{where}.device_map: an empty table places nothing; name modules or use a strategy")
@@ -277,6 +282,7 @@ class ServerConfig:
                         max_memory=group.max_memory,
                         offload_folder=group.offload_folder,
                         threads=group.threads or self._default_threads(),
+                        cpu_linear=group.cpu_linear,
                         max_batch_size=model.max_batch_size,
                         max_batch_tokens=model.max_batch_tokens,
                         max_step_tokens=self._step_tokens(model, group),
@@ -347,6 +353,7 @@ def from_flags(
     device_map: str = "auto",
     threads: int = 0,
     name: str | None = None,
+    cpu_linear: str = "onednn",
     **server: Any,
 ) -> ServerConfig:
     """`--model X --workers N --devices 0,1`: N workers, the devices split evenly among them."""
@@ -356,7 +363,11 @@ def from_flags(
     per_worker = len(devices) // workers if devices else 0
     groups = [
         WorkerGroupConfig(
-            devices=devices[i * per_worker : (i + 1) * per_worker], dtype=dtype, device_map=device_map, threads=threads
+            devices=devices[i * per_worker : (i + 1) * per_worker],
+            dtype=dtype,
+            device_map=device_map,
+            threads=threads,
+            cpu_linear=cpu_linear,
         )
         for i in range(workers)
     ]

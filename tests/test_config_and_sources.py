@@ -29,6 +29,7 @@ max_memory = { 0 = "10GiB", 1 = "10GiB" }
 devices = [2]
 replicas = 2
 device_map = { "model" = 0, "lm_head" = 0 }
+cpu_linear = "aten"
 """
     )
     cfg = config.load(str(path))
@@ -38,6 +39,7 @@ device_map = { "model" = 0, "lm_head" = 0 }
     assert specs[0].dtype == "bfloat16" and specs[0].device_map == "balanced"
     assert specs[0].max_memory == {"0": "10GiB", "1": "10GiB"}
     assert specs[1].device_map == {"model": 0, "lm_head": 0}
+    assert [s.cpu_linear for s in specs] == ["onednn", "aten", "aten"]
     assert cfg.port == 6000 and cfg.default_model_name == "m"
 
 
@@ -53,6 +55,7 @@ device_map = { "model" = 0, "lm_head" = 0 }
         ("[[models]]\nname='m'\nmax_step_tokens=-1", "max_step_tokens"),
         ("[[models]]\nname='m'\nprefix_cache_mib=-1", "prefix_cache_mib"),
         ("[[models]]\nname='m'\nmax_overtakes=0", "max_overtakes"),
+        ("[[models]]\nname='m'\n[[models.workers]]\ncpu_linear='mkl'", "cpu_linear"),
     ],
 )
 def test_config_errors_name_the_key(tmp_path, text, key):

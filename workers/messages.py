@@ -92,6 +92,8 @@ class WorkerSpec:
     # Where the worker makes its own folder for offloaded weights that must be rewritten; "" = the temporary folder.
     offload_folder: str = ""
     threads: int = 1
+    # Matrix products of a float32 model whole on the CPU: "onednn" (weights packed at load) or "aten" (nn.Linear).
+    cpu_linear: str = "onednn"
     max_batch_size: int = 32
     max_batch_tokens: int = 16384
     # Tokens one engine step computes (decodes plus prompt chunks); 0 = whole prompts in one step.

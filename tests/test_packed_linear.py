@@ -7,7 +7,7 @@ import pytest
 
 from tests.test_engine import PROMPTS, make_call, run_all
 from workers.messages import WorkerSpec
-from workers.packed_linear import PackedLinear, pack_linears, why_not_packable
+from workers.packed_linear import PackedLinear, SharedProduct, SharedProductColumns, pack_linears, why_not_packable
 from workers.worker_main import load_engine
 
 
@@ -22,10 +22,12 @@ def _engine(tiny_dir, cpu_linear: str, dtype: str = "auto"):
 
 
 def _kinds(model) -> tuple[int, int]:
+    """(layers computed by oneDNN, plain linear layers)."""
     import torch
 
     modules = list(model.modules())
-    return (sum(type(m) is PackedLinear for m in modules), sum(type(m) is torch.nn.Linear for m in modules))
+    packed = sum(type(m) in (PackedLinear, SharedProductColumns) for m in modules)
+    return packed, sum(type(m) is torch.nn.Linear for m in modules)
 
 
 @pytest.fixture(scope="module")
@@ -34,16 +36,40 @@ def engines(tiny_dir):
 
 
 def test_cpu_workers_pack_every_linear_layer_unless_told_not_to(engines):
-    packed, plain = _kinds(engines["onednn"][0].model)
+    model = engines["onednn"][0].model
+    packed, plain = _kinds(model)
     assert packed > 0 and plain == 0
     assert _kinds(engines["aten"][0].model) == (0, packed)
+    # q/k/v and gate/up of every layer as one product each
+    layers = model.config.num_hidden_layers
+    assert sum(type(m) is SharedProduct for m in model.modules()) == 2 * layers
+    assert sum(type(m) is SharedProductColumns for m in model.modules()) == 5 * layers
+
+
+def test_a_shared_product_gives_each_sibling_its_own_columns_and_keeps_nothing():
+    import torch
+
+    torch.manual_seed(0)
+    parent = torch.nn.Module()
+    for name, width in (("q_proj", 6), ("k_proj", 2), ("v_proj", 2)):
+        setattr(parent, name, torch.nn.Linear(8, width))
+    plain = {name: getattr(parent, name) for name in ("q_proj", "k_proj", "v_proj")}
+    assert pack_linears(parent) == 3
+    x, other = torch.randn(3, 8), torch.randn(3, 8)
+    with torch.inference_mode():
+        for name in ("k_proj", "q_proj", "v_proj"):
+            torch.testing.assert_close(getattr(parent, name)(x), plain[name](x))
+        assert parent.q_k_v_shared._output is None  # dropped once every sibling took its columns
+        parent.q_proj(x)
+        torch.testing.assert_close(parent.k_proj(other), plain["k_proj"](other))  # another input: computed anew
 
 
 def test_greedy_tokens_are_those_of_torchs_own_linear_layers_alone_and_batched(engines):
     lengths = [30, 7, 22, 15, 40]
     results = {}
     for kind, (engine, _) in engines.items():
-        calls = [(2 * i, make_call(i, engine, p, max_new=n)) for i, (p, n) in enumerate(zip(PROMPTS, lengths, strict=True))]
+        pairs = enumerate(zip(PROMPTS, lengths, strict=True))
+        calls = [(2 * i, make_call(i, engine, p, max_new=n)) for i, (p, n) in pairs]
         staggered = run_all(engine, calls)
         alone = run_all(engine, [make_call(100, engine, PROMPTS[2], max_new=25)])
         results[kind] = ({i: tokens for i, (tokens, _) in staggered.items()}, alone[100][0])

@@ -59,7 +59,7 @@ def test_a_shared_product_gives_each_sibling_its_own_columns_and_keeps_nothing()
     with torch.inference_mode():
         for name in ("k_proj", "q_proj", "v_proj"):
             torch.testing.assert_close(getattr(parent, name)(x), plain[name](x))
-        assert parent.q_k_v_shared._output is None  # dropped once every sibling took its columns
+        assert parent.q_k_v_shared._pending == [None, None, 0]  # dropped once every sibling took its columns
         parent.q_proj(x)
         torch.testing.assert_close(parent.k_proj(other), plain["k_proj"](other))  # another input: computed anew
 

@@ -1,14 +1,18 @@
-"""float32 against bfloat16 weights on this CPU: speed, and how often greedy tokens differ (issue 11).
+"""Worker settings that change the arithmetic, side by side on this CPU: dtype (float32, bfloat16) and the linear
+layers' kernels (`cpu_linear`: oneDNN on packed weights, or torch's own). Speed, and how often greedy tokens
+differ (issue 11).
 
 Owns one in-process measurement: modelpool's `Engine`, loaded as a worker
-loads it, once per dtype; each is fed C requests of N tokens (greedy,
+loads it, once per variant; each is fed C requests of N tokens (greedy,
 ignore_eos, the load generator's chat prompts) and stepped to completion,
-`--rounds` times per C, alternating the dtypes so that drift in the machine's
-speed hits both. Printed: tok/s per dtype and C, and for the greedy tokens of
-the C=largest round, the share of requests whose N tokens are identical under
-both dtypes and the mean position of the first difference.
+`--rounds` times per C, alternating the variants so that drift in the machine's
+speed hits all. Printed: tok/s per variant and C (prefill included), and for
+the greedy tokens of the C=largest round, the share of requests whose N tokens
+are identical to the first variant's and the mean position of the first
+difference.
 
-    python -m bench.dtype_compare                     # builtin, C = 1 and 32, N = 64
+    python -m bench.dtype_compare                     # float32 against bfloat16, C = 1 and 32, N = 64
+    python -m bench.dtype_compare --variants float32:onednn,float32:aten --concurrency 1,8,32 --rounds 3
 """
 
 from __future__ import annotations
@@ -34,12 +38,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--dtypes", default="float32,bfloat16")
+    parser.add_argument(
+        "--variants",
+        default="float32,bfloat16",
+        help="DTYPE or DTYPE:CPU_LINEAR (onednn, the default, or aten), comma-separated; the first is the reference",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     levels = [int(c) for c in args.concurrency.split(",")]
-    dtypes = args.dtypes.split(",")
-    engines = {dtype: load_worker_engine(args.model, args.threads, max(levels), dtype) for dtype in dtypes}
+    variants = args.variants.split(",")
+    engines = {}
+    for variant in variants:
+        dtype, _, cpu_linear = variant.partition(":")
+        engines[variant] = load_worker_engine(
+            args.model, args.threads, max(levels), dtype, cpu_linear=cpu_linear or "onednn"
+        )
     for engine in engines.values():
         engine_round(engine, max(levels), 4, first_id=1)  # warm-up
     speed: dict[tuple[str, int], list[float]] = {}
@@ -47,20 +60,23 @@ def main(argv: list[str] | None = None) -> int:
     request_id = 1000
     for concurrency in levels:
         for _ in range(args.rounds):
-            for dtype, engine in engines.items():
+            for variant, engine in engines.items():
                 request_id += 1000
                 rows, seconds = engine_round(engine, concurrency, args.max_new_tokens, request_id)
                 rate = concurrency * args.max_new_tokens / seconds
-                speed.setdefault((dtype, concurrency), []).append(rate)
+                speed.setdefault((variant, concurrency), []).append(rate)
                 if concurrency == max(levels):
-                    outputs[dtype] = rows
+                    outputs[variant] = rows
     print(f"{args.model}, N = {args.max_new_tokens}, {args.threads} threads, median of {args.rounds} rounds\n")
-    print("| dtype | " + " | ".join(f"C={c} tok/s" for c in levels) + " |")
+    print("| variant | " + " | ".join(f"C={c} tok/s (runs)" for c in levels) + " |")
     print("|---|" + "--:|" * len(levels))
-    for dtype in dtypes:
-        cells = [f"{statistics.median(speed[(dtype, c)]):.1f}" for c in levels]
-        print(f"| {dtype} | " + " | ".join(cells) + " |")
-    base, *others = dtypes
+    for variant in variants:
+        cells = [
+            f"{statistics.median(speed[(variant, c)]):.1f} ({', '.join(f'{r:.1f}' for r in speed[(variant, c)])})"
+            for c in levels
+        ]
+        print(f"| {variant} | " + " | ".join(cells) + " |")
+    base, *others = variants
     for other in others:
         diffs = [first_difference(a, b) for a, b in zip(outputs[base], outputs[other], strict=True)]
         same = sum(d is None for d in diffs)

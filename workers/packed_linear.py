@@ -116,9 +116,10 @@ def why_not_packable(model: nn.Module) -> str:
     return ""
 
 
-def pack_linears(model: nn.Module) -> int:
+def pack_linears(model: nn.Module, share_siblings: bool = True) -> int:
     """Replace every `nn.Linear` of a model that sits whole on the CPU in float32 by a `PackedLinear`; returns how
-    many were replaced (0, with the reason logged, when the model does not qualify). A weight tied to another
+    many were replaced (0, with the reason logged, when the model does not qualify); `share_siblings`: q/k/v and
+    gate/up as one `SharedProduct` each (a measurement turns it off to see what it adds). A weight tied to another
     module (an output layer sharing the embeddings) stays there too: the packed copy costs its bytes once more."""
     reason = why_not_packable(model)
     if reason:
@@ -126,7 +127,8 @@ def pack_linears(model: nn.Module) -> int:
         return 0
     replaced = 0
     for parent in list(model.modules()):
-        replaced += _share_siblings(parent)
+        if share_siblings:
+            replaced += _share_siblings(parent)
         for name, child in list(parent.named_children()):
             if type(child) is nn.Linear:
                 setattr(parent, name, PackedLinear(child))

@@ -2,15 +2,14 @@
 
 Owns the choice of matrix-product kernel for a float32 model that sits whole on
 the CPU. `torch.nn.Linear` calls MKL's sgemm, which on this project's machines
-(AMD EPYC, AVX2) reads weights at ~12 GB/s in the matrix-vector products of a
-single stream and reaches ~60 GFLOP/s in a 32-row batch. oneDNN, given the
-weight reordered into its own blocked layout once, is faster at every batch
-size measured (the built-in model's 211 products: 1.2x at 1 row, 1.8x at 8,
-1.3x at 32; in a served engine 1.2-1.25x tok/s at C = 1 and 32; greedy tokens
-identical, bench/RESULTS.md). The same op is what torch.compile's freezing pass
-emits for linear layers on CPU; here it is applied without compiling anything.
-Sibling projections that read one input (q/k/v, gate/up) share one wider
-product, which saves a few more percent of a step.
+(AMD EPYC, AVX2) reads weights at ~13 GB/s in the matrix-vector products of a
+single stream. oneDNN, given each weight reordered into its own blocked layout
+once, runs the built-in model's products of a step 1.3-1.7x faster at 1 to 32
+rows (decode steps) and as fast at 128-512 (prompt chunks); a worker's tok/s
+rose 1.15x at C = 1 and 1.2x at C = 32, greedy tokens identical
+(bench/RESULTS.md, `python -m bench.linear_kernels`). Sibling projections
+that read one input (q/k/v, gate/up) share one wider product: 7-12% less time
+in the products at 1 to 32 rows.
 
 Only float32 weights are packed: oneDNN's bfloat16 path needs AVX-512 or
 AVX-NE-CONVERT, which not every CPU has, and is unmeasured here. A model with

@@ -85,15 +85,16 @@ def main(argv: list[str] | None = None) -> int:
     shared.load_state_dict(aten.state_dict())
     pack_linears(shared)
     forms["oneDNN packed, q/k/v and gate/up shared"] = shared
-    print(f"{args.model}: {config.num_hidden_layers} layers + output projection, {weight_bytes / 1e6:.0f} MB of float32")
-    print(f"weights, {args.threads} threads, best of {args.repeats}\n")
+    layers = config.num_hidden_layers
+    print(f"{args.model}: {layers} layers + output projection, {weight_bytes / 1e6:.0f} MB of float32 weights")
+    print(f"{args.threads} threads, best of {args.repeats}\n")
     rows = [int(m) for m in args.rows.split(",")]
     print("| form | " + " | ".join(f"M={m} ms" for m in rows) + " | M=1 GB/s |")
     print("|---|" + "--:|" * (len(rows) + 1))
     best: dict[tuple[str, int], float] = {}
     for m in rows:
         x = torch.randn(1, m, config.hidden_size)
-        for name, chain in forms.items():
+        for chain in forms.values():
             _time(chain, x)  # warm-up: oneDNN makes its kernels for a shape on first use
         for _ in range(args.repeats):
             for name, chain in forms.items():

@@ -126,16 +126,16 @@ def _step_limit(concurrency: int, max_new_tokens: int) -> int:
     return 2 * concurrency * (max_new_tokens + 2) + 100
 
 
-def add_chat_requests(engine, concurrency: int, max_new_tokens: int, first_id: int) -> None:
-    """The load generator's first `concurrency` chat prompts, ids from `first_id`, each asking for exactly
-    `max_new_tokens` greedy tokens (ignore_eos), added to the engine at once."""
+def add_requests(engine, prompts: Sequence[Sequence[int]], max_new_tokens: int, first_id: int) -> None:
+    """Each prompt (token ids) as a request, ids from `first_id`, asking for exactly `max_new_tokens` greedy tokens
+    (ignore_eos), added to the engine at once. RuntimeError if the engine refuses one."""
     from workers.messages import GenerateCall, SamplingParams, StoppingParams
 
     stopping = StoppingParams(max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens, ignore_eos=True)
-    for i in range(concurrency):
+    for i, prompt in enumerate(prompts):
         call = GenerateCall(
             request_id=first_id + i,
-            prompt_token_ids=tuple(chat_token_ids(engine.tokenizer, i)),
+            prompt_token_ids=tuple(prompt),
             sampling=SamplingParams(),
             stopping=stopping,
             arrival_time=time.time(),
@@ -143,6 +143,12 @@ def add_chat_requests(engine, concurrency: int, max_new_tokens: int, first_id: i
         error = engine.add(call)
         if error is not None:
             raise RuntimeError(f"engine refused request {i}: {error.error}")
+
+
+def add_chat_requests(engine, concurrency: int, max_new_tokens: int, first_id: int) -> None:
+    """The load generator's first `concurrency` chat prompts as `add_requests`."""
+    prompts = [chat_token_ids(engine.tokenizer, i) for i in range(concurrency)]
+    add_requests(engine, prompts, max_new_tokens, first_id)
 
 
 def engine_round(engine, concurrency: int, max_new_tokens: int, first_id: int) -> tuple[list[list[int]], float]:

@@ -27,7 +27,7 @@ import statistics
 import sys
 import time
 
-from bench.inprocess import load_worker_engine
+from bench.inprocess import add_requests, load_worker_engine
 from bench.run import render_table
 
 _LOGGER = logging.getLogger(__name__)
@@ -36,24 +36,13 @@ _LOGGER = logging.getLogger(__name__)
 def measure(engine, concurrency: int, prompt_tokens: int, max_new_tokens: int, first_id: int) -> dict:
     import torch
 
-    from workers.messages import FinishReason, GenerateCall, SamplingParams, StoppingParams
+    from workers.messages import FinishReason
 
     generator = torch.Generator().manual_seed(first_id)
     vocab = len(engine.tokenizer)
-    stopping = StoppingParams(max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens, ignore_eos=True)
     started = time.perf_counter()
-    for i in range(concurrency):
-        prompt = tuple(int(t) for t in torch.randint(10, vocab, (prompt_tokens,), generator=generator))
-        call = GenerateCall(
-            request_id=first_id + i,
-            prompt_token_ids=prompt,
-            sampling=SamplingParams(),
-            stopping=stopping,
-            arrival_time=time.time(),
-        )
-        error = engine.add(call)
-        if error is not None:
-            raise RuntimeError(f"request refused: {error.error}")
+    prompts = [torch.randint(10, vocab, (prompt_tokens,), generator=generator).tolist() for _ in range(concurrency)]
+    add_requests(engine, prompts, max_new_tokens, first_id)
     waiting_first = set(range(first_id, first_id + concurrency))
     prefill_s = 0.0
     decode_steps: list[float] = []

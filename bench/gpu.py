@@ -123,12 +123,10 @@ def build_model(shape: dict, dtype: str, out_dir: Path) -> tuple[Path, int]:
 
 def static_batch(model_dir: Path, plan: Plan) -> dict[int, float]:
     """tok/s of `model.generate` over C left-padded rows, greedy, N tokens, on the plan's device and dtype."""
-    import time
-
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from bench.inprocess import _padded_batch
+    from bench.inprocess import _generate_static, _padded_batch
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, plan.dtype)).to(plan.device).eval()
@@ -136,22 +134,9 @@ def static_batch(model_dir: Path, plan: Plan) -> dict[int, float]:
     rates = {}
     for concurrency in plan.concurrency:
         batch = {k: v.to(plan.device) for k, v in _padded_batch(tokenizer, concurrency).items()}
-        for tokens in (4, plan.max_new_tokens):  # a warm-up, then the measured run
-            if plan.device.startswith("cuda"):
-                torch.cuda.synchronize()
-            started = time.perf_counter()
-            with torch.inference_mode():
-                model.generate(
-                    **batch,
-                    max_new_tokens=tokens,
-                    min_new_tokens=tokens,
-                    do_sample=False,
-                    pad_token_id=pad_id,
-                )
-            if plan.device.startswith("cuda"):
-                torch.cuda.synchronize()
-            seconds = time.perf_counter() - started
-        rates[concurrency] = concurrency * plan.max_new_tokens / seconds
+        _generate_static(model, batch, 4, pad_id)  # warm-up
+        tokens, seconds = _generate_static(model, batch, plan.max_new_tokens, pad_id)
+        rates[concurrency] = tokens / seconds
         _LOGGER.info("static batch C=%d: %.1f tok/s", concurrency, rates[concurrency])
     del model
     if plan.device.startswith("cuda"):

@@ -68,9 +68,13 @@ def _padded_batch(tokenizer, concurrency: int):
 
 
 def _generate_static(model, batch, max_new_tokens: int, pad_id: int) -> tuple[int, float]:
-    """One greedy `generate` of the batch; returns (generated tokens, seconds)."""
+    """One greedy `generate` of the batch; returns (generated tokens, seconds). On a GPU the clock waits for the
+    device, before and after."""
     import torch
 
+    cuda = batch["input_ids"].is_cuda
+    if cuda:
+        torch.cuda.synchronize()
     started = time.perf_counter()
     with torch.inference_mode():
         output = model.generate(
@@ -80,6 +84,8 @@ def _generate_static(model, batch, max_new_tokens: int, pad_id: int) -> tuple[in
             do_sample=False,
             pad_token_id=pad_id,
         )
+    if cuda:
+        torch.cuda.synchronize()
     seconds = time.perf_counter() - started
     new_tokens = output.shape[1] - batch["input_ids"].shape[1]
     if new_tokens != max_new_tokens:

@@ -6,10 +6,11 @@ left-padded `KVBatch`), the partial cache of each sequence whose prompt is
 being prefilled in chunks, sampling, detokenizing, and the events a step
 returns, one per sequence it touched. A step decodes every running sequence,
 then prefills its prompt chunks: a chunk continues its sequence's own cache
-(a batch of one), prompts that fit the step whole are prefilled together as one
-padded batch, and a sequence whose prompt is complete gets its first token and
-joins the running batch. The engine is driven by a single thread (the worker
-loop), so add/abort happen only between steps.
+(a batch of one), prompts that fit the step whole are prefilled together in
+padded batches of similar lengths (workers/prefill_groups.py), and a sequence
+whose prompt is complete gets its first token and joins the running batch. The
+engine is driven by a single thread (the worker loop), so add/abort happen only
+between steps.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from transformers import DynamicCache
 from workers.batch import KVBatch
 from workers.detokenizer import IncrementalDetokenizer
 from workers.messages import ErrorKind, FinishReason, GenerateCall, SequenceEvent
+from workers.prefill_groups import forward_cost_tokens, split_by_length
 from workers.prefix_cache import PrefixCache, PrefixEntry
 from workers.sampling import RowSampling, make_generator, sample_next_tokens
 from workers.scheduler import Budgets, Chunk, Scheduler, SequenceState
@@ -207,7 +209,11 @@ class Engine:
                 seq = self._sequences[chunk.request_id]
                 events += self._guard_oom([seq], functools.partial(self._prefill_chunk, seq, chunk), decode=False)
         if whole:
-            events += self._guard_oom(whole, lambda: self._prefill(whole), decode=False)
+            # Several padded batches where padding all the prompts to the longest would cost more than the forwards.
+            cost = forward_cost_tokens(self.device.type)
+            for group in split_by_length([len(s.call.prompt_token_ids) for s in whole], cost):
+                seqs = [whole[i] for i in group]
+                events += self._guard_oom(seqs, functools.partial(self._prefill, seqs), decode=False)
         self._forget_finished(events)
         kind = "mixed" if plan.decode and plan.chunks else ("decode" if plan.decode else "prefill")
         return kind, events

@@ -256,7 +256,7 @@ def test_out_of_memory_joining_the_running_batch_fails_it_all(engine):  # noqa: 
     engine.step()  # decode
     engine.add(make_call(961, engine, PROMPTS[1], max_new=10))
 
-    def out_of_memory(first, second):
+    def out_of_memory(batches):
         raise torch.OutOfMemoryError("simulated: CUDA out of memory")
 
     with pytest.MonkeyPatch.context() as patch:

@@ -4,7 +4,7 @@ The approach of TGI's `CausalLM`: every row is left-padded to the batch's cache
 length T, the attention mask marks real positions, and position ids count only
 real tokens. Between engine steps finished rows leave (`filter`, which also
 drops left padding no remaining row needs) and prefilled newcomers join
-(`concatenate`, which left-pads the shorter cache). Tensors only: the engine owns
+(`concatenate`, which left-pads the shorter caches). Tensors only: the engine owns
 what each row means.
 """
 
@@ -161,22 +161,32 @@ class KVBatch:
         return self
 
     @staticmethod
-    def concatenate(first: KVBatch, second: KVBatch) -> KVBatch:
-        """Rows of `first` then rows of `second`, left-padded to the longer cache. Reuses `first`'s cache object."""
-        length = max(first.cache_length, second.cache_length)
+    def concatenate(batches: Sequence[KVBatch]) -> KVBatch:
+        """The rows of every batch in order, left-padded to the longest cache, in one copy of each layer's tensors
+        (however many batches join). Reuses the first batch's cache object."""
+        first = batches[0]
+        if len(batches) == 1:
+            return first
+        length = max(batch.cache_length for batch in batches)
 
-        def pad(t: torch.Tensor, dim: int) -> torch.Tensor:
-            missing = length - t.shape[dim]
-            if missing == 0:
-                return t
-            shape = list(t.shape)
-            shape[dim] = missing
-            return torch.cat([t.new_zeros(shape), t], dim=dim)
+        def padded(tensors: list[torch.Tensor], dim: int) -> torch.Tensor:
+            shape = list(tensors[0].shape)
+            shape[0], shape[dim] = sum(t.shape[0] for t in tensors), length
+            out = tensors[0].new_empty(shape)
+            row = 0
+            for t in tensors:
+                rows, missing = t.shape[0], length - t.shape[dim]
+                block = out.narrow(0, row, rows)
+                block.narrow(dim, 0, missing).zero_()
+                block.narrow(dim, missing, t.shape[dim]).copy_(t)
+                row += rows
+            return out
 
-        for a, b in zip(_cache_layers(first.cache), _cache_layers(second.cache), strict=True):
-            a.keys = torch.cat([pad(a.keys, 2), pad(b.keys, 2)], dim=0)
-            a.values = torch.cat([pad(a.values, 2), pad(b.values, 2)], dim=0)
-        first.attention_mask = torch.cat([pad(first.attention_mask, 1), pad(second.attention_mask, 1)], dim=0)
-        first.next_tokens = torch.cat([first.next_tokens, second.next_tokens])
-        first.next_positions = torch.cat([first.next_positions, second.next_positions])
+        for layers in zip(*(_cache_layers(batch.cache) for batch in batches), strict=True):
+            keys = padded([layer.keys for layer in layers], 2)
+            values = padded([layer.values for layer in layers], 2)
+            layers[0].keys, layers[0].values = keys, values
+        first.attention_mask = padded([batch.attention_mask for batch in batches], 1)
+        first.next_tokens = torch.cat([batch.next_tokens for batch in batches])
+        first.next_positions = torch.cat([batch.next_positions for batch in batches])
         return first

@@ -27,7 +27,7 @@ from transformers import DynamicCache
 from workers.batch import KVBatch
 from workers.detokenizer import IncrementalDetokenizer
 from workers.messages import ErrorKind, FinishReason, GenerateCall, SequenceEvent
-from workers.prefill_groups import forward_cost_tokens, split_by_length
+from workers.prefill_groups import ForwardCost, split_by_length
 from workers.prefix_cache import PrefixCache, PrefixEntry
 from workers.sampling import RowSampling, make_generator, sample_next_tokens
 from workers.scheduler import Budgets, Chunk, Scheduler, SequenceState
@@ -105,9 +105,15 @@ class Engine:
         self.running: list[Sequence] = []
         self.batch: KVBatch | None = None
         self._joining: list[Sequence] = []
+        # Set once newcomers have taken their first token: a prefill that fails after that is not tried again.
+        self._advanced = False
         # Sequences the last step decoded (the batch size a metric reports).
         self.last_decoded = 0
         self.prefix_cache = PrefixCache(prefix_cache_bytes) if prefix_cache_bytes > 0 else None
+        # What one more prefill forward costs in padded tokens, learnt from this worker's prefills on a CPU (a GPU
+        # runs forwards asynchronously: timing them would need a synchronisation per forward).
+        self.prefill_cost = ForwardCost.for_device(device.type)
+        self._time_prefills = device.type == "cpu"
 
     # ------------------------------------------------------------ between steps
 
@@ -209,23 +215,31 @@ class Engine:
                 seq = self._sequences[chunk.request_id]
                 events += self._guard_oom([seq], functools.partial(self._prefill_chunk, seq, chunk), decode=False)
         if whole:
-            # Several padded batches where padding all the prompts to the longest would cost more than the forwards.
-            cost = forward_cost_tokens(self.device.type)
-            for group in split_by_length([len(s.call.prompt_token_ids) for s in whole], cost):
-                seqs = [whole[i] for i in group]
-                events += self._guard_oom(seqs, functools.partial(self._prefill, seqs), decode=False)
+            events += self._guard_oom(whole, lambda: self._prefill(whole), decode=False)
         self._forget_finished(events)
         kind = "mixed" if plan.decode and plan.chunks else ("decode" if plan.decode else "prefill")
         return kind, events
 
     def _prefill(self, admitted: list[Sequence]) -> list[SequenceEvent]:
-        """Whole prompts as one padded batch: they get their first token and join the running batch."""
-        # Until the newcomers are concatenated, the running batch is untouched: running out of memory
-        # here fails only the newcomers.
-        new_batch, logits = KVBatch.prefill(
-            self.model, [s.call.prompt_token_ids for s in admitted], self.device, self.pad_token_id
-        )
-        return self._join(admitted, new_batch, logits)
+        """Whole prompts, in padded batches of similar lengths: they get their first token and join the running
+        batch."""
+        lengths = [len(s.call.prompt_token_ids) for s in admitted]
+        parts = []
+        # Every forward runs before any token is taken, and until the newcomers are concatenated the running batch
+        # is untouched: running out of memory here fails only the newcomers, as they were.
+        for group in split_by_length(lengths, self.prefill_cost.tokens()):
+            seqs = [admitted[i] for i in group]
+            started = time.perf_counter()
+            new_batch, logits = KVBatch.prefill(
+                self.model, [s.call.prompt_token_ids for s in seqs], self.device, self.pad_token_id
+            )
+            self._observe_prefill(new_batch.size * new_batch.cache_length, started)
+            parts.append((seqs, new_batch, logits))
+        return self._join(parts)
+
+    def _observe_prefill(self, padded_tokens: int, started: float) -> None:
+        if self._time_prefills:
+            self.prefill_cost.observe(padded_tokens, time.perf_counter() - started)
 
     def _prefill_chunk(self, seq: Sequence, chunk: Chunk) -> list[SequenceEvent]:
         """One chunk of a prompt, on the sequence's own cache; the last chunk's logits give its first token."""
@@ -233,27 +247,42 @@ class Engine:
         if seq.partial_cache is None and seq.prefix is not None:
             seq.partial_cache = KVBatch.cache_from(seq.prefix.layers)
             seq.prefix = None
+        started = time.perf_counter()
+        fresh = seq.partial_cache is None
         seq.partial_cache, logits = KVBatch.prefill_chunk(
             self.model, seq.partial_cache, tokens, chunk.start, self.device
         )
+        if fresh:  # a forward like a whole prompt's (a chunk after others also attends to what they cached)
+            self._observe_prefill(len(tokens), started)
         if not chunk.completes_prompt:
             return []
         new_batch = KVBatch.single(seq.partial_cache, chunk.prompt_len, self.device)
         seq.partial_cache = None
-        return self._join([seq], new_batch, logits)
+        return self._join([([seq], new_batch, logits)])
 
-    def _join(self, newcomers: list[Sequence], new_batch: KVBatch, logits: torch.Tensor) -> list[SequenceEvent]:
-        if self.prefix_cache is not None:
-            self._remember_prefixes(newcomers, new_batch)
-        events, keep = self._accept_tokens(newcomers, logits)
-        survivors = [newcomers[i] for i in keep]
+    def _join(self, parts: list[tuple[list[Sequence], KVBatch, torch.Tensor]]) -> list[SequenceEvent]:
+        """Newly prefilled sequences (batches of them, with the logits after their prompts) get their first token;
+        those that go on join the running batch, all of them in one concatenation."""
+        events: list[SequenceEvent] = []
+        batches, survivors = [], []
+        self._advanced = True
+        for newcomers, new_batch, logits in parts:
+            if self.prefix_cache is not None:
+                self._remember_prefixes(newcomers, new_batch)
+            accepted, keep = self._accept_tokens(newcomers, logits)
+            events += accepted
+            if keep:
+                new_batch = new_batch.filter(keep)
+                staying = [newcomers[i] for i in keep]
+                new_batch.set_next_tokens([seq.generated[-1] for seq in staying])
+                batches.append(new_batch)
+                survivors += staying
         if survivors:
-            new_batch = new_batch.filter(keep)
-            new_batch.set_next_tokens([seq.generated[-1] for seq in survivors])
             self._joining = survivors
-            self.batch = new_batch if self.batch is None else KVBatch.concatenate(self.batch, new_batch)
+            self.batch = KVBatch.concatenate([self.batch, *batches] if self.batch is not None else batches)
             self.running.extend(survivors)
             self._joining = []
+        self._advanced = False
         return events
 
     def _remember_prefixes(self, seqs: list[Sequence], batch: KVBatch) -> None:
@@ -307,15 +336,15 @@ class Engine:
     ) -> list[SequenceEvent]:
         """Out of device memory fails requests, not the worker.
 
-        A prefill (or a chunk) that fails before its newcomers join fails only them, and a batch of whole
-        prompts is then tried one by one, so that only those that cannot fit fail. A failed decode (forward or
+        A prefill (or a chunk) that fails before its newcomers join fails only them, and whole prompts whose
+        forwards failed are then tried one by one, so that only those that cannot fit fail. A failed decode (forward or
         the filtering after it) or join may leave the cache half-updated, so every running sequence fails too."""
         running_before = list(self.running)
         try:
             return run()
         except torch.OutOfMemoryError as exc:
             batch_touched = decode or bool(self._joining)
-            if not batch_touched and len(seqs) > 1:
+            if not batch_touched and not self._advanced and len(seqs) > 1:
                 _LOGGER.warning(
                     "out of memory prefilling %d sequences together (x-request-id %s); trying each alone",
                     len(seqs),
@@ -334,7 +363,7 @@ class Engine:
             )
             if batch_touched:
                 self.running, self.batch = [], None
-            self._joining = []
+            self._joining, self._advanced = [], False
             return self._oom_events(list(failed.values()))
 
     @staticmethod

@@ -39,9 +39,11 @@ def test_the_split_is_the_cheapest_one():
     import random
 
     rng = random.Random(5)
-    for _ in range(60):
-        lengths = [rng.randint(1, 90) for _ in range(rng.randint(1, 7))]
-        cost = rng.choice([0, 8, 32, 200])
+    for _ in range(200):
+        # Small ranges too, so that prompts of equal length are common.
+        top = rng.choice([4, 90])
+        lengths = [rng.randint(1, top) for _ in range(rng.randint(1, 8))]
+        cost = rng.choice([0, 1, 8, 32, 200])
         order = sorted(range(len(lengths)), key=lambda i: (lengths[i], i))
         best = None
         for cuts in itertools.product([False, True], repeat=len(order) - 1):

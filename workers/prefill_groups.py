@@ -6,9 +6,10 @@ bench (27-77 tokens, 1,332 tokens in all) cost 2,464 padded tokens as one
 batch. Each extra batch costs a forward pass of its own instead (the weights
 read again, every operator's fixed cost paid again). `split_by_length` weighs
 the two: prompts sorted by length are cut into contiguous groups minimising
-the padded tokens plus the cost of a forward per group (an exact dynamic
-programme over the sorted lengths; a step admits at most `max_batch_size`
-prompts, so it is small).
+the padded tokens plus the cost of a forward per group: an exact dynamic
+programme over the distinct lengths, whose inner loop stops at the first
+length that is shorter than the group's longest by more than a forward's cost
+(under 1 ms for 512 prompts at a CPU's cost, ~16 ms at a GPU's).
 
 What a forward costs, in padded tokens, depends on the model and the machine
 (on 2 CPU cores: ~30 tokens for the 135M built-in model, ~300 for the tiny test
@@ -39,18 +40,37 @@ def split_by_length(lengths: Sequence[int], forward_cost: float) -> list[list[in
     """Indices into `lengths`, grouped: each group is one padded batch (indices ascending within a group, groups
     from the shortest prompts to the longest). Minimises sum(rows x longest) + forward_cost x groups."""
     order = sorted(range(len(lengths)), key=lambda i: (lengths[i], i))
-    n = len(order)
-    # best[j]: the least cost of the first j sorted prompts; cut[j]: where the last of its groups starts.
+    # Prompts of one length always share a batch, so the programme runs over the distinct lengths: values[k] with
+    # rows[k] prompts, ascending; ends[k]: how many prompts of `order` are that long or shorter.
+    values: list[int] = []
+    ends: list[int] = []
+    for count, index in enumerate(order, start=1):
+        if values and values[-1] == lengths[index]:
+            ends[-1] = count
+        else:
+            values.append(lengths[index])
+            ends.append(count)
+    n = len(values)
+    # best[j]: the least cost of the j shortest lengths; cut[j]: where the last of its groups starts.
     best: list[float] = [0.0] * (n + 1)
     cut = [0] * (n + 1)
     for j in range(1, n + 1):
-        longest = lengths[order[j - 1]]
-        best[j], cut[j] = min((best[i] + (j - i) * longest + forward_cost, i) for i in range(j))
+        longest, rows_to_j = values[j - 1], ends[j - 1]
+        best[j], cut[j] = best[j - 1] + (rows_to_j - (ends[j - 2] if j > 1 else 0)) * longest + forward_cost, j - 1
+        for i in range(j - 2, -1, -1):
+            # Taking length i into the group costs at least (longest - values[i]) - forward_cost more than leaving
+            # it to a batch of its own, and shorter lengths cost more still: no start before i can be cheaper.
+            if longest - values[i] > forward_cost:
+                break
+            cost = best[i] + (rows_to_j - (ends[i - 1] if i else 0)) * longest + forward_cost
+            if cost <= best[j]:
+                best[j], cut[j] = cost, i
     groups: list[list[int]] = []
     j = n
     while j > 0:
-        groups.append(sorted(order[cut[j] : j]))
-        j = cut[j]
+        i = cut[j]
+        groups.append(sorted(order[(ends[i - 1] if i else 0) : ends[j - 1]]))
+        j = i
     groups.reverse()
     return groups
 

@@ -12,8 +12,8 @@ length that is shorter than the group's longest by more than a forward's cost
 (under 1 ms for 512 prompts at a CPU's cost, ~16 ms at a GPU's).
 
 What a forward costs, in padded tokens, depends on the model and the machine
-(on 2 CPU cores: ~30 tokens for the 135M built-in model, ~300 for the tiny test
-model, whose forwards are nearly all fixed cost). `ForwardCost` learns it from
+(on 2 CPU cores: ~35 tokens for the 135M built-in model, 400-600 for the tiny
+test model, whose forwards are nearly all fixed cost). `ForwardCost` learns it from
 the worker's own prefill forwards: seconds = per token x padded tokens + fixed,
 fitted by least squares over the recent ones. Until enough forwards of
 different sizes have been seen, and on devices whose forwards are not timed
@@ -40,8 +40,8 @@ def split_by_length(lengths: Sequence[int], forward_cost: float) -> list[list[in
     """Indices into `lengths`, grouped: each group is one padded batch (indices ascending within a group, groups
     from the shortest prompts to the longest). Minimises sum(rows x longest) + forward_cost x groups."""
     order = sorted(range(len(lengths)), key=lambda i: (lengths[i], i))
-    # Prompts of one length always share a batch, so the programme runs over the distinct lengths: values[k] with
-    # rows[k] prompts, ascending; ends[k]: how many prompts of `order` are that long or shorter.
+    # Prompts of one length always share a batch, so the programme runs over the distinct lengths, values[k]
+    # ascending; ends[k]: how many prompts of `order` are that long or shorter.
     values: list[int] = []
     ends: list[int] = []
     for count, index in enumerate(order, start=1):

@@ -212,7 +212,9 @@ def running(server: ServerProcess, start_timeout_s: float):
         server.stop()
 
 
-def modelpool_command(model: str, port: int, max_batch_size: int, threads: int) -> list[str]:
+def modelpool_command(
+    model: str, port: int, max_batch_size: int, threads: int, stream_interval: int = 1
+) -> list[str]:
     return [
         sys.executable, "-m", "service.cli",
         "--model", model,
@@ -223,6 +225,7 @@ def modelpool_command(model: str, port: int, max_batch_size: int, threads: int) 
         "--max-batch-size", str(max_batch_size),
         "--threads", str(threads),  # the same torch threads as the in-process references
         "--drain-timeout", "5",
+        "--stream-interval", str(stream_interval),
     ]  # fmt: skip
 
 
@@ -298,7 +301,7 @@ def run_builtin_part(args: argparse.Namespace) -> dict:
     print(f"\n== {args.model} model: modelpool vs naive server vs static batch (N = {plan.max_new_tokens})", flush=True)
     model_arg = server_model_arg(args.model)
     port = free_port()
-    command = modelpool_command(model_arg, port, args.max_batch_size, args.threads)
+    command = modelpool_command(model_arg, port, args.max_batch_size, args.threads, args.stream_interval)
     modelpool = ServerProcess("modelpool", command, port, args.out_dir / "modelpool-builtin.log")
     modelpool_rounds: list[list[dict]] = []
     static_rounds: list[list[dict]] = []
@@ -380,7 +383,9 @@ def run_tiny_part(args: argparse.Namespace, threads: int) -> dict:
     port = free_port()
     server = ServerProcess(
         "modelpool-tiny",
-        modelpool_command(engines[0]["model_path"], port, max(args.max_batch_size, concurrency), threads),
+        modelpool_command(
+            engines[0]["model_path"], port, max(args.max_batch_size, concurrency), threads, args.stream_interval
+        ),
         port,
         args.out_dir / "modelpool-tiny.log",
     )
@@ -713,6 +718,9 @@ def print_report(result: dict) -> None:
         f"\n==== modelpool benchmark ({info['cpu_count']} CPUs, torch {info['torch']}, "
         f"transformers {info['transformers']}, grpcio {info['grpcio']}, {info['torch_threads']} torch threads)"
     )
+    interval = result["args"].get("stream_interval", 1)
+    if interval != 1:
+        print(f"\nmodelpool streamed with --stream-interval {interval}: the targets are set for the default, 1.")
     builtin, tiny = result.get("builtin"), result.get("tiny")
     if builtin:
         n = builtin["modelpool"][0]["max_new_tokens"]
@@ -781,6 +789,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="tiny part: torch threads of the worker and the in-process engine, one run each (default 1,2)",
     )
     parser.add_argument("--max-batch-size", type=int, default=64, help="modelpool --max-batch-size")
+    parser.add_argument(
+        "--stream-interval",
+        type=int,
+        default=1,
+        help="modelpool --stream-interval: tokens per stream message after the first (the targets are for 1)",
+    )
     parser.add_argument(
         "--threads", type=int, default=os.cpu_count() or 1, help="torch threads of in-process runs and the naive server"
     )

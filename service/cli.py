@@ -43,6 +43,12 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
         "--max-overtakes", type=int, default=None, help="a request overtaken this many times by priority goes first"
     )
     parser.add_argument("--max-queue", type=int, default=None)
+    parser.add_argument(
+        "--stream-interval",
+        type=int,
+        default=None,
+        help="tokens per StreamGenerate message after the first (default 1): fewer messages, less CPU per token",
+    )
     parser.add_argument("--host", default=None, help="address to listen on (default 127.0.0.1)")
     parser.add_argument("--port", type=int, default=None, help="gRPC port (default 50051)")
     parser.add_argument("--metrics-host", default=None, help="address of /metrics (default 127.0.0.1)")
@@ -105,6 +111,7 @@ def config_from_args(args: argparse.Namespace) -> config_module.ServerConfig:
         "prefix_cache_mib",
         "max_overtakes",
         "max_queue",
+        "stream_interval",
     ):
         if getattr(args, key) is not None:
             setattr(model, key, getattr(args, key))

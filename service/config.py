@@ -38,6 +38,7 @@ max_step_tokens = 512        # tokens one engine step computes (decodes + prompt
 prefix_cache_mib = 0         # keys/values of recent prompt prefixes kept per worker for reuse; 0 = off
 max_overtakes = 32           # a waiting request overtaken this many times (by higher priorities) goes first
 max_queue = 256              # accepted requests waiting beyond the running capacity
+stream_interval = 1          # tokens per StreamGenerate message after the first token (more: fewer messages, less CPU)
 default_max_new_tokens = 256
 max_input_bytes = 0          # prompt or chat contents, in bytes; 0 = 32 x the context length
 max_prompt_tokens = 0        # 0 = the context length bounds it
@@ -159,6 +160,10 @@ class ModelConfig:
     # A waiting request that higher-priority ones overtook this many times is admitted next: none waits forever.
     max_overtakes: int = 32
     max_queue: int = 256
+    # Tokens a StreamGenerate message waits for once the first token has gone out (sent as soon as it is there); the
+    # last message may carry fewer. At high concurrency on few cores the frontend's and the client's work per
+    # message limits throughput (bench/RESULTS.md); the server's latency metrics still see every token.
+    stream_interval: int = 1
     default_max_new_tokens: int = 256
     # Prompt (or all chat contents) in bytes; larger input is refused before tokenizing. 0: 32 x context length.
     max_input_bytes: int = 0
@@ -246,7 +251,13 @@ class ServerConfig:
             where = f"models[{m.name}]"
             if not m.name:
                 raise ConfigError("models.name: must not be empty")
-            for key in ("max_batch_size", "max_batch_tokens", "default_max_new_tokens", "max_overtakes"):
+            for key in (
+                "max_batch_size",
+                "max_batch_tokens",
+                "default_max_new_tokens",
+                "max_overtakes",
+                "stream_interval",
+            ):
                 if getattr(m, key) < 1:
                     raise ConfigError(f"{where}.{key}: must be at least 1")
             for key in ("max_queue", "max_input_bytes", "max_prompt_tokens", "max_new_tokens", "prefix_cache_mib"):

@@ -20,6 +20,7 @@ import contextlib
 import enum
 import itertools
 import logging
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -70,10 +71,21 @@ class Timings:
 
 
 class RequestStream:
-    """The events of one request, read by its RPC handler; filled by the dispatcher."""
+    """The events of one request, read by its RPC handler; filled by the dispatcher.
+
+    A stream's reader is woken only when what it waits for is there: its first token at once, then
+    `stream_interval` tokens at a time (vLLM's stream interval: fewer messages, and fewer wake-ups of the
+    handler, per token), or the request's end, whichever comes first. A reader that falls behind gets all that
+    arrived meanwhile in one read."""
 
     def __init__(
-        self, dispatcher: Dispatcher, request_id: int, series: metrics.ModelSeries, worker: WorkerHandle, arrival: float
+        self,
+        dispatcher: Dispatcher,
+        request_id: int,
+        series: metrics.ModelSeries,
+        worker: WorkerHandle,
+        arrival: float,
+        stream_interval: int = 1,
     ):
         self._dispatcher = dispatcher
         self.request_id = request_id
@@ -84,27 +96,46 @@ class RequestStream:
         # Usage for the access log and the trace: set at submit and by each event.
         self.prompt_tokens = 0
         self.completion_tokens = 0
+        self._interval = stream_interval
         self._events: list[SequenceEvent] = []
+        self._event_tokens = 0  # tokens in `_events`
+        self._delivered_tokens = 0
+        self._want = 1  # tokens the reader waits for
         self._failure: ServiceError | None = None
         self._wakeup = asyncio.Event()
 
     def _put(self, event: SequenceEvent) -> None:
         self._events.append(event)
-        self._wakeup.set()
+        self._event_tokens += len(event.token_ids)
+        if event.finished or self._event_tokens >= self._want:
+            self._wakeup.set()
 
     def _fail(self, error: ServiceError) -> None:
         self._failure = error
         self._wakeup.set()
 
     async def next_events(self) -> list[SequenceEvent]:
-        """Everything that arrived since the last call (waiting for at least one event); the last list ends
-        with the finishing event. Raises the request's failure (a worker error, a dead worker)."""
-        while not self._events:
+        """What one stream message carries: the events that arrived since the last call, once they hold the first
+        token, then at least `stream_interval` tokens, or the finishing event (which then ends the list). Raises
+        the request's failure (a worker error, a dead worker) once the events before it are read."""
+        return await self._take(1 if self._delivered_tokens == 0 else self._interval)
+
+    async def all_events(self) -> list[SequenceEvent]:
+        """Every event of the request, once its last has arrived (the reader is not woken before)."""
+        return await self._take(sys.maxsize)
+
+    async def _take(self, tokens: int) -> list[SequenceEvent]:
+        self._want = tokens
+        while not (self._events and (self._events[-1].finished or self._event_tokens >= tokens or self._failure)):
             if self._failure is not None:
                 raise self._failure
             self._wakeup.clear()
             await self._wakeup.wait()
         events, self._events = self._events, []
+        self._delivered_tokens += self._event_tokens
+        self._event_tokens = 0
+        # What the next read will wait for, already known to the events that arrive before it starts.
+        self._want = self._interval if self._delivered_tokens else 1
         for event in events:
             if event.finish_reason is FinishReason.ERROR:
                 raise from_worker(event.error_kind, event.error)
@@ -276,7 +307,7 @@ class Dispatcher:
         worker = self._check_available(pool)  # workers may have died or the server begun to stop meanwhile
         request_id = next(self._ids)
         call = GenerateCall(request_id=request_id, arrival_time=time.time(), **call_args)
-        stream = RequestStream(self, request_id, pool.series, worker, call.arrival_time)
+        stream = RequestStream(self, request_id, pool.series, worker, call.arrival_time, pool.config.stream_interval)
         stream.prompt_tokens = prompt_tokens = len(call.prompt_token_ids)
         self._streams[request_id] = stream
         worker.outstanding.add(request_id)

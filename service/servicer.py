@@ -169,9 +169,7 @@ class GenerationServicer:
     async def Generate(self, request, context):
         async with self._call("Generate", request, context) as call:
             model, call.stream = await self._start(request, call.request_id)
-            events = await call.stream.next_events()
-            while not events[-1].finished:
-                events.extend(await call.stream.next_events())
+            events = await call.stream.all_events()
             await call.send_headers()
             return convert.generate_response(model.name, events, call.stream.timings)
 

@@ -43,6 +43,7 @@ def server(tmp_path_factory, tiny_dir, tiny_nochat_dir):
     - nochat: a tokenizer without a chat template;
     - limited: one sequence at a time and a queue of one, to reach RESOURCE_EXHAUSTED;
     - fragile: one worker that a test kills;
+    - interval: four tokens per stream message after the first;
     - builtin: SmolLM2-135M-Instruct, for real text."""
     tmp = tmp_path_factory.mktemp("server")
     config = write_config(
@@ -81,6 +82,13 @@ def server(tmp_path_factory, tiny_dir, tiny_nochat_dir):
         [[models]]
         name = "fragile"
         source = "{tiny_dir}"
+        [[models.workers]]
+        threads = 1
+
+        [[models]]
+        name = "interval"
+        source = "{tiny_dir}"
+        stream_interval = 4
         [[models.workers]]
         threads = 1
 

@@ -55,6 +55,7 @@ cpu_linear = "aten"
         ("[[models]]\nname='m'\nmax_step_tokens=-1", "max_step_tokens"),
         ("[[models]]\nname='m'\nprefix_cache_mib=-1", "prefix_cache_mib"),
         ("[[models]]\nname='m'\nmax_overtakes=0", "max_overtakes"),
+        ("[[models]]\nname='m'\nstream_interval=0", "stream_interval"),
         ("[[models]]\nname='m'\n[[models.workers]]\ncpu_linear='mkl'", "cpu_linear"),
     ],
 )

@@ -76,9 +76,12 @@ def in_loop(test):
     return run
 
 
-def make(workers: int = 1, max_batch_size: int = 2, max_queue: int = 1):
+def make(workers: int = 1, max_batch_size: int = 2, max_queue: int = 1, stream_interval: int = 1):
     """A dispatcher with `workers` ready fakes for MODEL and one for OTHER; call it inside the loop."""
-    models = [ModelConfig(m, max_batch_size=max_batch_size, max_queue=max_queue) for m in (MODEL, OTHER)]
+    models = [
+        ModelConfig(m, max_batch_size=max_batch_size, max_queue=max_queue, stream_interval=stream_interval)
+        for m in (MODEL, OTHER)
+    ]
     config = ServerConfig(restart_backoff_s=0.01, restart_backoff_max_s=0.01, models=models)
     dispatcher = Dispatcher(config, asyncio.get_running_loop())
     fakes = [FakeWorker(MODEL, i) for i in range(workers)]
@@ -342,3 +345,111 @@ async def test_a_ticket_admits_one_request():
     with pytest.raises(RuntimeError):
         dispatcher.submit(ticket, args())
     assert dispatcher.in_flight == 1
+
+
+class CountingEvent(asyncio.Event):
+    """A stream's wake-up that counts how often it was set: a reader woken for nothing costs the frontend CPU."""
+
+    sets = 0
+
+    def set(self) -> None:
+        self.sets += 1
+        super().set()
+
+
+async def woken(read) -> bool:
+    """Whether a pending read has returned once the loop has run what is ready."""
+    for _ in range(3):
+        await asyncio.sleep(0)
+    return read.done()
+
+
+@in_loop
+async def test_stream_interval_wakes_the_reader_for_the_first_token_then_every_interval_tokens():
+    d, (w,) = make(stream_interval=3)
+    stream = submit(d)
+    rid = stream.request_id
+    read = asyncio.ensure_future(stream.next_events())
+    first = token(rid, 1)
+    step(d, w, first)
+    assert await woken(read) and read.result() == [first]  # the first token does not wait for company
+    stream._wakeup = wakeup = CountingEvent()
+    read = asyncio.ensure_future(stream.next_events())
+    middle = [token(rid, 2), token(rid, 3), token(rid, 4)]
+    step(d, w, middle[0])
+    step(d, w, middle[1])
+    assert not await woken(read) and wakeup.sets == 0  # nor was it woken for nothing
+    step(d, w, middle[2])
+    assert await woken(read) and read.result() == middle and wakeup.sets == 1
+    read = asyncio.ensure_future(stream.next_events())
+    last = [token(rid, 5), token(rid, 6, LENGTH)]
+    step(d, w, last[0])
+    assert not await woken(read)
+    step(d, w, last[1])  # the end goes out with fewer
+    assert await woken(read) and read.result() == last and d.in_flight == 0
+
+
+@in_loop
+async def test_stream_interval_of_one_sends_every_token_and_a_late_reader_gets_them_merged():
+    d, (w,) = make()
+    stream = submit(d)
+    rid = stream.request_id
+    events = [token(rid, 1), token(rid, 2), token(rid, 3)]
+    for event in events:
+        read = asyncio.ensure_future(stream.next_events())
+        step(d, w, event)
+        assert await woken(read) and read.result() == [event]
+    step(d, w, token(rid, 4))
+    step(d, w, token(rid, 5, LENGTH))
+    assert [e.token_ids[0] for e in await stream.next_events()] == [4, 5]
+
+
+@in_loop
+async def test_stream_interval_delivers_what_came_before_a_worker_error_then_raises_it():
+    d, (w,) = make(stream_interval=4)
+    stream = submit(d)
+    rid = stream.request_id
+    step(d, w, token(rid, 1))
+    await stream.next_events()
+    read = asyncio.ensure_future(stream.next_events())
+    step(d, w, token(rid, 2))
+    error = SequenceEvent(rid, finish_reason=ERROR, error_kind=ErrorKind.INTERNAL, error="boom")
+    step(d, w, error)
+    assert await woken(read)
+    with pytest.raises(Exception, match="boom"):
+        read.result()
+
+
+@in_loop
+async def test_stream_interval_hands_over_held_tokens_before_a_dead_worker_fails_the_stream():
+    d, (w,) = make(stream_interval=4)
+    stream = submit(d)
+    rid = stream.request_id
+    step(d, w, token(rid, 1))
+    await stream.next_events()
+    held = token(rid, 2)
+    step(d, w, held)
+    read = asyncio.ensure_future(stream.next_events())
+    assert not await woken(read)
+    w.die("killed")
+    d._on_exit(w)
+    assert await woken(read) and read.result() == [held]
+    with pytest.raises(Unavailable):
+        await stream.next_events()
+
+
+@in_loop
+async def test_all_events_wakes_only_when_the_request_ends():
+    d, (w,) = make()
+    stream = submit(d)
+    rid = stream.request_id
+    stream._wakeup = wakeup = CountingEvent()
+    read = asyncio.ensure_future(stream.all_events())
+    await asyncio.sleep(0)  # a handler awaits it at once, before any event can arrive
+    events = [token(rid, i) for i in range(1, 5)] + [token(rid, 5, LENGTH)]
+    for event in events[:-1]:
+        step(d, w, event)
+        assert not await woken(read)
+    assert wakeup.sets == 0
+    step(d, w, events[-1])
+    assert await woken(read) and read.result() == events and wakeup.sets == 1

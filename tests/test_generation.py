@@ -51,6 +51,22 @@ def test_stream_deltas_concatenate_to_unary_text(client, use_chat):
     assert all(p.finish_reason == pb.FINISH_REASON_UNSPECIFIED for p in pieces[:-1])
 
 
+def test_stream_interval_groups_tokens_after_the_first_and_changes_no_token(client):
+    """The model `interval` (the tiny model, stream_interval = 4): the first token is sent as soon as it is there,
+    then messages of at least four tokens (more when the reader lags), the last with what is left."""
+    options = {"prompt": "Once upon a time", "max_new_tokens": 23, "ignore_eos": True}
+    plain = stream_pieces(client, **options)
+    grouped = stream_pieces(client, model="interval", **options)
+    assert [t for p in grouped for t in p.token_ids] == [t for p in plain for t in p.token_ids]
+    assert "".join(p.text_delta for p in grouped) == "".join(p.text_delta for p in plain)
+    sizes = [len(p.token_ids) for p in grouped]
+    assert sum(sizes) == 23 and sizes[0] >= 1 and all(size >= 4 for size in sizes[1:-1]), sizes
+    assert len(grouped) <= 1 + -(-(23 - sizes[0]) // 4)
+    last = grouped[-1]
+    assert last.finish_reason == pb.FINISH_REASON_LENGTH and last.usage.completion_tokens == 23
+    assert list(client.generate(model="interval", **options).token_ids) == [t for p in grouped for t in p.token_ids]
+
+
 def test_chat_uses_the_chat_template(client):
     chat = client.chat([("user", "hello")], max_new_tokens=4, ignore_eos=True)
     raw = client.generate("hello", max_new_tokens=4, ignore_eos=True)
@@ -167,7 +183,7 @@ def test_two_workers_both_serve_with_their_own_devices(client):
 
 def test_list_models(client):
     models = {m.name: m for m in client.models()}
-    assert set(models) == {"tiny", "nochat", "limited", "fragile", "builtin"}
+    assert set(models) == {"tiny", "nochat", "limited", "fragile", "interval", "builtin"}
     tiny = models["tiny"]
     assert tiny.is_default and tiny.dtype == "float32" and tiny.context_length == 512
     assert tiny.has_chat_template and not models["nochat"].has_chat_template

@@ -33,7 +33,7 @@ def test_serve_flags_reach_the_configuration():
         "--model", "/models/m", "--name", "m", "--workers", "2", "--devices", "0,1", "--dtype", "bf16",
         "--device-map", "balanced", "--threads", "3", "--max-batch-size", "5", "--max-batch-tokens", "999",
         "--max-step-tokens", "64", "--max-queue", "7", "--host", "0.0.0.0", "--port", "6000", "--metrics-host", "::1", "--metrics-port", "0",
-        "--drain-timeout", "4.5", "--max-overtakes", "9", "--cpu-linear", "aten",
+        "--drain-timeout", "4.5", "--max-overtakes", "9", "--cpu-linear", "aten", "--stream-interval", "4",
     )
     (model,) = cfg.models
     assert (model.name, model.source, model.max_batch_size, model.max_batch_tokens, model.max_queue) == (
@@ -50,6 +50,7 @@ def test_serve_flags_reach_the_configuration():
     assert model.max_step_tokens == 64 and [s.max_step_tokens for s in specs] == [64, 64]
     assert [s.max_overtakes for s in specs] == [9, 9]
     assert [s.cpu_linear for s in specs] == ["aten", "aten"]
+    assert model.stream_interval == 4 and parse().models[0].stream_interval == 1
     assert {s.cpu_linear for s in parse().worker_specs(parse().models[0], "/m")} == {"onednn"}
 
 

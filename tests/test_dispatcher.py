@@ -404,13 +404,18 @@ async def test_stream_interval_of_one_sends_every_token_and_a_late_reader_gets_t
     assert [e.token_ids[0] for e in await stream.next_events()] == [4, 5]
 
 
-@in_loop
-async def test_stream_interval_delivers_what_came_before_a_worker_error_then_raises_it():
-    d, (w,) = make(stream_interval=4)
+async def past_first_token(stream_interval: int):
+    """A dispatcher, its worker and a stream whose first token has been read."""
+    d, (w,) = make(stream_interval=stream_interval)
     stream = submit(d)
-    rid = stream.request_id
-    step(d, w, token(rid, 1))
+    step(d, w, token(stream.request_id, 1))
     await stream.next_events()
+    return d, w, stream, stream.request_id
+
+
+@in_loop
+async def test_a_worker_error_wakes_a_reader_waiting_for_more_tokens():
+    d, w, stream, rid = await past_first_token(4)
     read = asyncio.ensure_future(stream.next_events())
     step(d, w, token(rid, 2))
     error = SequenceEvent(rid, finish_reason=ERROR, error_kind=ErrorKind.INTERNAL, error="boom")
@@ -422,11 +427,7 @@ async def test_stream_interval_delivers_what_came_before_a_worker_error_then_rai
 
 @in_loop
 async def test_stream_interval_hands_over_held_tokens_before_a_dead_worker_fails_the_stream():
-    d, (w,) = make(stream_interval=4)
-    stream = submit(d)
-    rid = stream.request_id
-    step(d, w, token(rid, 1))
-    await stream.next_events()
+    d, w, stream, rid = await past_first_token(4)
     held = token(rid, 2)
     step(d, w, held)
     read = asyncio.ensure_future(stream.next_events())

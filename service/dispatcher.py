@@ -121,8 +121,12 @@ class RequestStream:
         return await self._take(1 if self._delivered_tokens == 0 else self._interval)
 
     async def all_events(self) -> list[SequenceEvent]:
-        """Every event of the request, once its last has arrived (the reader is not woken before)."""
-        return await self._take(sys.maxsize)
+        """Every event of the request, once its last has arrived (the reader is not woken before); raises the
+        request's failure rather than return part of it."""
+        events = await self._take(sys.maxsize)
+        while not events[-1].finished:  # a failure handed over the events before it: the next take raises it
+            events.extend(await self._take(sys.maxsize))
+        return events
 
     async def _take(self, tokens: int) -> list[SequenceEvent]:
         self._want = tokens

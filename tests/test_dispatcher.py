@@ -454,3 +454,16 @@ async def test_all_events_wakes_only_when_the_request_ends():
     assert wakeup.sets == 0
     step(d, w, events[-1])
     assert await woken(read) and read.result() == events and wakeup.sets == 1
+
+
+@in_loop
+async def test_all_events_raises_when_the_worker_dies_midway_never_returns_part():
+    d, (w,) = make()
+    stream = submit(d)
+    read = asyncio.ensure_future(stream.all_events())
+    await asyncio.sleep(0)
+    step(d, w, token(stream.request_id, 1))
+    w.die("killed")
+    d._on_exit(w)
+    with pytest.raises(Unavailable):
+        await read

@@ -75,11 +75,11 @@ def main(argv: list[str] | None = None) -> int:
     del whole
     engine = load_worker_engine(args.model, args.threads, 64)
     engine_round(engine, 4, 4, 1)
-    learnt = engine.prefill_cost
+    learnt = ways["grouped"] = engine.prefill_cost
     rates: dict[str, list[float]] = {way: [] for way in ways}
     tokens: dict[str, list[list[int]]] = {}
     for _ in range(args.rounds):
-        for way, cost in {"one batch": one_batch, "grouped": learnt}.items():
+        for way, cost in ways.items():
             engine.prefill_cost = cost
             tokens[way], seconds_taken = engine_round(engine, args.concurrency, args.max_new_tokens, next_id)
             rates[way].append(args.concurrency * args.max_new_tokens / seconds_taken)

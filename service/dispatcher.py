@@ -118,7 +118,11 @@ class RequestStream:
         """What one stream message carries: the events that arrived since the last call, once they hold the first
         token, then at least `stream_interval` tokens, or the finishing event (which then ends the list). Raises
         the request's failure (a worker error, a dead worker) once the events before it are read."""
-        return await self._take(1 if self._delivered_tokens == 0 else self._interval)
+        return await self._take(self._message_tokens())
+
+    def _message_tokens(self) -> int:
+        """Tokens the next stream message waits for: the first alone, then `stream_interval`."""
+        return self._interval if self._delivered_tokens else 1
 
     async def all_events(self) -> list[SequenceEvent]:
         """Every event of the request, once its last has arrived (the reader is not woken before); raises the
@@ -139,7 +143,7 @@ class RequestStream:
         self._delivered_tokens += self._event_tokens
         self._event_tokens = 0
         # What the next read will wait for, already known to the events that arrive before it starts.
-        self._want = self._interval if self._delivered_tokens else 1
+        self._want = self._message_tokens()
         for event in events:
             if event.finish_reason is FinishReason.ERROR:
                 raise from_worker(event.error_kind, event.error)

@@ -38,38 +38,39 @@ MAX_FORWARD_COST_TOKENS = 4096
 
 def split_by_length(lengths: Sequence[int], forward_cost: float) -> list[list[int]]:
     """Indices into `lengths`, grouped: each group is one padded batch (indices ascending within a group, groups
-    from the shortest prompts to the longest). Minimises sum(rows x longest) + forward_cost x groups."""
+    from the shortest prompts to the longest). Minimises sum(rows x longest) + forward_cost x groups, for a
+    forward_cost of at least 0."""
     order = sorted(range(len(lengths)), key=lambda i: (lengths[i], i))
     # Prompts of one length always share a batch, so the programme runs over the distinct lengths, values[k]
-    # ascending; ends[k]: how many prompts of `order` are that long or shorter.
+    # ascending; upto[k]: how many prompts of `order` are shorter than values[k] (upto[n]: all of them), so that a
+    # group of the lengths i..j-1 is order[upto[i]:upto[j]].
     values: list[int] = []
-    ends: list[int] = []
+    upto: list[int] = [0]
     for count, index in enumerate(order, start=1):
         if values and values[-1] == lengths[index]:
-            ends[-1] = count
+            upto[-1] = count
         else:
             values.append(lengths[index])
-            ends.append(count)
+            upto.append(count)
     n = len(values)
     # best[j]: the least cost of the j shortest lengths; cut[j]: where the last of its groups starts.
-    best: list[float] = [0.0] * (n + 1)
+    best: list[float] = [0.0] + [float("inf")] * n
     cut = [0] * (n + 1)
     for j in range(1, n + 1):
-        longest, rows_to_j = values[j - 1], ends[j - 1]
-        best[j], cut[j] = best[j - 1] + (rows_to_j - (ends[j - 2] if j > 1 else 0)) * longest + forward_cost, j - 1
-        for i in range(j - 2, -1, -1):
+        longest = values[j - 1]
+        for i in range(j - 1, -1, -1):
             # Taking length i into the group costs at least (longest - values[i]) - forward_cost more than leaving
             # it to a batch of its own, and shorter lengths cost more still: no start before i can be cheaper.
             if longest - values[i] > forward_cost:
                 break
-            cost = best[i] + (rows_to_j - (ends[i - 1] if i else 0)) * longest + forward_cost
+            cost = best[i] + (upto[j] - upto[i]) * longest + forward_cost
             if cost <= best[j]:
                 best[j], cut[j] = cost, i
     groups: list[list[int]] = []
     j = n
     while j > 0:
         i = cut[j]
-        groups.append(sorted(order[(ends[i - 1] if i else 0) : ends[j - 1]]))
+        groups.append(sorted(order[upto[i] : upto[j]]))
         j = i
     groups.reverse()
     return groups
@@ -79,7 +80,6 @@ class ForwardCost:
     """The cost of one more prefill forward, in padded tokens, fitted to the last `window` forwards observed."""
 
     def __init__(self, default_tokens: float, window: int = 64, min_observations: int = 8):
-        self.default_tokens = default_tokens
         self.min_observations = min_observations
         self._seen: collections.deque[tuple[int, float]] = collections.deque(maxlen=window)
         self._tokens = float(default_tokens)

@@ -123,7 +123,11 @@ def test_short_prompts_are_not_padded_to_a_long_one_and_tokens_do_not_change(eng
     prompts = ["a", "1 2 3", "Hello!", "The weather", "many words " * 30]
     # Rows leave at different steps, so the joined batch is filtered too.
     max_new = [9, 4, 12, 6, 8]
-    calls = [make_call(i, engine, p, max_new=n) for i, (p, n) in enumerate(zip(prompts, max_new, strict=True))]
+
+    def fresh_calls():
+        return [make_call(i, engine, p, max_new=n) for i, (p, n) in enumerate(zip(prompts, max_new, strict=True))]
+
+    calls = fresh_calls()
     lengths = [len(c.prompt_token_ids) for c in calls]
     alone = {}
     for call in calls:
@@ -132,18 +136,10 @@ def test_short_prompts_are_not_padded_to_a_long_one_and_tokens_do_not_change(eng
     # A forward worth 32 tokens, whatever this machine measures.
     engine.model, engine.prefill_cost = (recorder := _RecordPrefills(real_model)), ForwardCost(32, min_observations=99)
     try:
-        together = run_all(
-            engine, [make_call(i, engine, p, max_new=n) for i, (p, n) in enumerate(zip(prompts, max_new, strict=True))]
-        )
+        together = run_all(engine, fresh_calls())
         first_step = list(recorder.prefills)
         # Two batches joining a running one in the same step (one concatenation of three).
-        joining = run_all(
-            engine,
-            [
-                (0 if i < 2 else 2, make_call(i, engine, p, max_new=n))
-                for i, (p, n) in enumerate(zip(prompts, max_new, strict=True))
-            ],
-        )
+        joining = run_all(engine, [(0 if i < 2 else 2, call) for i, call in enumerate(fresh_calls())])
     finally:
         engine.model, engine.prefill_cost = real_model, learnt
     assert together == alone

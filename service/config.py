@@ -52,7 +52,8 @@ max_memory = { 0 = "20GiB", 1 = "20GiB", cpu = "30GiB" }   # keys: GPU index as 
 offload_folder = ""          # a folder of the worker's own is made in it for rewritten offloaded weights; "" = TMPDIR
 replicas = 1                 # identical workers with these settings
 threads = 0                  # torch CPU threads; 0 = split the machine's cores among CPU workers
-cpu_linear = "onednn"        # a float32 model whole on the CPU: oneDNN products on weights packed at load, or "aten"
+cpu_linear = "onednn"        # a float32 model whole on the CPU: oneDNN products on weights packed at load (and the lean
+                             # forward for Llama-family layers), or "aten": torch's layers, transformers' forward
 ```
 
 Placement: devices are GPU indices as the worker sees them (0 is the first of `devices`), "cpu" or "disk". A

@@ -67,6 +67,7 @@ def load_engine(spec: WorkerSpec, offload=None):
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     from workers.engine import Engine
+    from workers.lean_layers import lean_layers
     from workers.packed_linear import pack_linears
     from workers.placement import (
         check_tied_weights,
@@ -90,8 +91,8 @@ def load_engine(spec: WorkerSpec, offload=None):
         model.to(torch.device("cuda:0"))  # type: ignore[arg-type]
     model.eval()
     check_tied_weights(model)
-    if spec.cpu_linear == "onednn":
-        pack_linears(model)
+    if spec.cpu_linear == "onednn" and pack_linears(model):
+        lean_layers(model)
     eos = model.generation_config.eos_token_id
     if eos is None:
         eos = tokenizer.eos_token_id

@@ -11,10 +11,12 @@ output projection, RMSNorm, one gate/up product, activation, down projection),
 so its outputs are bitwise those of transformers' layer
 (`tests/test_lean_layers.py`), with the Python between them cut.
 
-A layer qualifies only when it is one of those classes as transformers defines
-it (no hub kernels), runs SDPA, and its q/k/v and gate/up are columns of one
-`SharedProduct` each and its output and down projections `PackedLinear`:
-float32 weights on the CPU. Any other layer keeps transformers' forward.
+A layer qualifies only when it is one of those classes (no hub kernels), runs
+SDPA, and its q/k/v and gate/up are columns of one `SharedProduct` each and its
+output and down projections `PackedLinear`: float32 weights on the CPU. And
+since transformers is not pinned to one version, whose layer could compute
+something else, the first layer is run both ways on a random input at load:
+unless the outputs are bitwise equal, every layer keeps transformers' forward.
 """
 
 from __future__ import annotations
@@ -30,9 +32,9 @@ from workers.packed_linear import PackedLinear, SharedProduct, SharedProductColu
 
 _LOGGER = logging.getLogger(__name__)
 
-# Decoder layers whose forward (and whose attention, MLP and RMSNorm forwards) are the Llama layer's, in the
-# transformers version this project pins; the Qwen2 and Mistral ones add only a sliding window, which reaches SDPA
-# through the mask.
+# Decoder layers whose forward (and whose attention, MLP and RMSNorm forwards) are the Llama layer's (the Qwen2 and
+# Mistral ones add only a sliding window, which reaches SDPA through the mask) in transformers 5.24; `_agrees`
+# checks the installed version's.
 LAYERS = {
     "LlamaDecoderLayer": "LlamaRMSNorm",
     "Qwen2DecoderLayer": "Qwen2RMSNorm",
@@ -129,25 +131,34 @@ def lean_forward(layer: Any) -> Callable[..., torch.Tensor]:
     return forward
 
 
+def _agrees(layer: Any) -> bool:
+    """Whether the lean forward gives bitwise what transformers' forward of `layer` gives, on a random input of
+    three positions (causal attention, no cache; the rotary cos/sin are random too: the layer only multiplies by
+    them)."""
+    generator = torch.Generator().manual_seed(0)
+    hidden = torch.randn(1, 3, layer.input_layernorm.weight.numel(), generator=generator)
+    head_dim = layer.self_attn.head_dim
+    rotary = (torch.randn(1, 3, head_dim, generator=generator), torch.randn(1, 3, head_dim, generator=generator))
+    with torch.inference_mode():
+        theirs = layer(hidden, attention_mask=None, position_embeddings=rotary)
+        ours = lean_forward(layer)(hidden, attention_mask=None, position_embeddings=rotary)
+    return isinstance(theirs, torch.Tensor) and theirs.shape == ours.shape and torch.equal(theirs, ours)
+
+
 def lean_layers(model: nn.Module) -> int:
-    """Give every qualifying decoder layer of `model` the lean forward; returns how many (the reason the first
-    layer that does not qualify keeps transformers' forward is logged)."""
-    replaced, reason = 0, ""
-    for module in model.modules():
-        if type(module).__name__ not in LAYERS:
-            continue
-        reason = why_not_lean(module)
-        if reason:
-            break
-        replaced += 1
-    if reason or not replaced:
-        _LOGGER.info("decoder layers stay transformers': %s", reason or "no Llama-family decoder layers")
+    """Give every decoder layer of `model` the lean forward when all qualify and the first computes bitwise what
+    transformers' does; returns how many (0, with the reason logged, otherwise)."""
+    layers = [module for module in model.modules() if type(module).__name__ in LAYERS]
+    reason = next(filter(None, map(why_not_lean, layers)), "") if layers else "no Llama-family decoder layers"
+    if not reason and not _agrees(layers[0]):
+        reason = f"this transformers' {type(layers[0]).__name__} computes something else than the lean forward"
+    if reason:
+        _LOGGER.info("decoder layers stay transformers': %s", reason)
         return 0
-    for module in model.modules():
-        if type(module).__name__ in LAYERS:
-            module.forward = lean_forward(module)
-    _LOGGER.info("%d decoder layers run the lean forward", replaced)
-    return replaced
+    for layer in layers:
+        layer.forward = lean_forward(layer)
+    _LOGGER.info("%d decoder layers run the lean forward", len(layers))
+    return len(layers)
 
 
 def restore_layers(model: nn.Module) -> int:

@@ -5,10 +5,11 @@ Mistral) once `workers/packed_linear.py` has put its linear layers on oneDNN.
 transformers' layer calls a dozen modules, a deprecation wrapper and the
 attention registry per layer and step: about 100 us of Python per layer, 3 ms
 of a single stream's 34 ms step on the built-in model's 30 layers. The lean
-forward makes the very same torch calls in the same order (RMSNorm, one q/k/v
+forward makes the same torch calls in the same order (RMSNorm, one q/k/v
 product, rotary embedding, the cache update, transformers' SDPA attention, the
-output projection, RMSNorm, one gate/up product, activation, down projection),
-so its outputs are bitwise those of transformers' layer
+output projection, RMSNorm, one gate/up product, activation, down projection;
+only the rotary embedding's element-wise operations run on queries and keys at
+once), so its outputs are bitwise those of transformers' layer
 (`tests/test_lean_layers.py`), with the Python between them cut.
 
 A layer qualifies only when it is one of those classes (no hub kernels), runs
@@ -88,7 +89,7 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 def lean_forward(layer: Any) -> Callable[..., torch.Tensor]:
     """The forward of a qualifying `layer` (see `why_not_lean`): transformers' decoder layer, attention, MLP and
-    RMSNorm forwards inlined, every tensor operation kept."""
+    RMSNorm forwards inlined, the same arithmetic on every value."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     attn, mlp = layer.self_attn, layer.mlp
@@ -97,6 +98,7 @@ def lean_forward(layer: Any) -> Callable[..., torch.Tensor]:
     o_proj, down_proj = attn.o_proj, mlp.down_proj
     norm1, norm2 = layer.input_layernorm, layer.post_attention_layernorm
     head_dim, layer_idx, scaling, act = attn.head_dim, attn.layer_idx, attn.scaling, mlp.act_fn
+    query_heads = q_end // head_dim
     linear = torch.ops.mkldnn._linear_pointwise
 
     def rms_norm(x: torch.Tensor, norm: Any) -> torch.Tensor:
@@ -110,13 +112,15 @@ def lean_forward(layer: Any) -> Callable[..., torch.Tensor]:
         hidden = rms_norm(hidden_states, norm1)
         shape = (*hidden.shape[:-1], -1, head_dim)
         projected = linear(hidden, qkv.packed_weight, qkv.bias, "none", [], "")
-        query = projected[..., :q_end].view(shape).transpose(1, 2)
-        key = projected[..., q_end:k_end].view(shape).transpose(1, 2)
+        # The rotary embedding of queries and keys at once, before the heads move to dimension 1: element-wise,
+        # so every value is computed as transformers computes it, in half the operations.
+        query_key = projected[..., :k_end].view(shape)
         value = projected[..., k_end:].view(shape).transpose(1, 2)
         cos, sin = position_embeddings
-        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-        query = (query * cos) + (_rotate_half(query) * sin)
-        key = (key * cos) + (_rotate_half(key) * sin)
+        cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)
+        query_key = (query_key * cos) + (_rotate_half(query_key) * sin)
+        query = query_key[:, :, :query_heads].transpose(1, 2)
+        key = query_key[:, :, query_heads:].transpose(1, 2)
         if cache is not None:
             key, value = cache.update(key, value, layer_idx)
         attended, _ = sdpa_attention_forward(attn, query, key, value, attention_mask, dropout=0.0, scaling=scaling)

@@ -157,9 +157,12 @@ def add_chat_requests(engine, concurrency: int, max_new_tokens: int, first_id: i
     add_requests(engine, prompts, max_new_tokens, first_id)
 
 
-def engine_round(engine, concurrency: int, max_new_tokens: int, first_id: int) -> tuple[list[list[int]], float]:
+def engine_round(
+    engine, concurrency: int, max_new_tokens: int, first_id: int, decode_steps: list[float] | None = None
+) -> tuple[list[list[int]], float]:
     """Add `concurrency` chat requests at once and step until all are done; returns (each request's tokens,
-    seconds). RuntimeError on a failed request, a wrong length, or far more steps than the work needs."""
+    seconds); `decode_steps`, when given, gets the seconds of every decode step. RuntimeError on a failed request,
+    a wrong length, or far more steps than the work needs."""
     from workers.messages import FinishReason
 
     started = time.perf_counter()
@@ -170,7 +173,10 @@ def engine_round(engine, concurrency: int, max_new_tokens: int, first_id: int) -
         steps += 1
         if steps > max_steps:
             raise RuntimeError(f"engine still busy after {max_steps} steps ({concurrency} x {max_new_tokens} tokens)")
-        _, events = engine.step()
+        step_started = time.perf_counter()
+        kind, events = engine.step()
+        if decode_steps is not None and kind == "decode":
+            decode_steps.append(time.perf_counter() - step_started)
         for event in events:
             if event.finish_reason is FinishReason.ERROR:
                 raise RuntimeError(f"engine failed request {event.request_id}: {event.error}")

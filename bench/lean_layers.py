@@ -17,34 +17,11 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
 
-from bench.inprocess import add_chat_requests, load_worker_engine
+from bench.inprocess import engine_round, load_worker_engine
 from workers.lean_layers import lean_layers, restore_layers
 
 FORMS = ("transformers", "lean")
-
-
-def _round(engine, concurrency: int, max_new_tokens: int, first_id: int) -> tuple[list[list[int]], float, list[float]]:
-    """(each request's tokens, seconds of the round, seconds of each decode step)."""
-    started = time.perf_counter()
-    add_chat_requests(engine, concurrency, max_new_tokens, first_id)
-    tokens: dict[int, list[int]] = {first_id + i: [] for i in range(concurrency)}
-    decode_steps: list[float] = []
-    limit = 4 * concurrency * (max_new_tokens + 2) + 100
-    while engine.has_work:
-        limit -= 1
-        if limit < 0:
-            raise RuntimeError("engine still busy after far more steps than the round needs")
-        step_started = time.perf_counter()
-        kind, events = engine.step()
-        if kind == "decode":
-            decode_steps.append(time.perf_counter() - step_started)
-        for event in events:
-            if event.error:
-                raise RuntimeError(f"engine failed request {event.request_id}: {event.error}")
-            tokens[event.request_id].extend(event.token_ids)
-    return [tokens[first_id + i] for i in range(concurrency)], time.perf_counter() - started, decode_steps
 
 
 def measure(engine, concurrency: int, max_new_tokens: int, rounds: int, first_id: int) -> dict:
@@ -57,7 +34,8 @@ def measure(engine, concurrency: int, max_new_tokens: int, rounds: int, first_id
             restore_layers(engine.model)
             if form == "lean" and not lean_layers(engine.model):
                 raise RuntimeError("the model's layers do not qualify for the lean forward (see the log)")
-            rows, seconds, steps = _round(engine, concurrency, max_new_tokens, first_id)
+            steps: list[float] = []
+            rows, seconds = engine_round(engine, concurrency, max_new_tokens, first_id, decode_steps=steps)
             first_id += concurrency
             reference = reference or rows
             same = same and rows == reference
@@ -96,9 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     levels = [int(c) for c in args.concurrency.split(",")]
     engine = load_worker_engine(args.model, args.threads, max(levels))
-    add_chat_requests(engine, 1, 4, 0)  # warm-up
-    while engine.has_work:
-        engine.step()
+    engine_round(engine, 1, 4, first_id=0)  # warm-up
     results = []
     for i, concurrency in enumerate(levels):
         results.append(measure(engine, concurrency, args.max_new_tokens, args.rounds, first_id=(i + 1) * 100_000))

@@ -82,15 +82,17 @@ def why_not_lean(layer: nn.Module) -> str:
     return ""
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+def _rms_norm(x: torch.Tensor, norm: Any) -> torch.Tensor:
+    # LlamaRMSNorm on float32 (its casts to and from float32 are no-ops there).
+    variance = x.pow(2).mean(-1, keepdim=True)
+    return norm.weight * (x * torch.rsqrt(variance + norm.variance_epsilon))
 
 
 def lean_forward(layer: Any) -> Callable[..., torch.Tensor]:
     """The forward of a qualifying `layer` (see `why_not_lean`): transformers' decoder layer, attention, MLP and
     RMSNorm forwards inlined, the same arithmetic on every value."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.models.llama.modeling_llama import rotate_half  # the Qwen2 and Mistral modules' is the same
 
     attn, mlp = layer.self_attn, layer.mlp
     qkv, gate_up = attn.q_proj.__dict__["_product"], mlp.gate_proj.__dict__["_product"]
@@ -101,15 +103,10 @@ def lean_forward(layer: Any) -> Callable[..., torch.Tensor]:
     query_heads = q_end // head_dim
     linear = torch.ops.mkldnn._linear_pointwise
 
-    def rms_norm(x: torch.Tensor, norm: Any) -> torch.Tensor:
-        # LlamaRMSNorm on float32 (its casts to and from float32 are no-ops there).
-        variance = x.pow(2).mean(-1, keepdim=True)
-        return norm.weight * (x * torch.rsqrt(variance + norm.variance_epsilon))
-
     def forward(hidden_states, attention_mask=None, position_ids=None, cache=None, use_cache=False,
                 position_embeddings=None, **kwargs):  # fmt: skip
         residual = hidden_states
-        hidden = rms_norm(hidden_states, norm1)
+        hidden = _rms_norm(hidden_states, norm1)
         shape = (*hidden.shape[:-1], -1, head_dim)
         projected = linear(hidden, qkv.packed_weight, qkv.bias, "none", [], "")
         # The rotary embedding of queries and keys at once, before the heads move to dimension 1: element-wise,
@@ -118,7 +115,7 @@ def lean_forward(layer: Any) -> Callable[..., torch.Tensor]:
         value = projected[..., k_end:].view(shape).transpose(1, 2)
         cos, sin = position_embeddings
         cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)
-        query_key = (query_key * cos) + (_rotate_half(query_key) * sin)
+        query_key = (query_key * cos) + (rotate_half(query_key) * sin)
         query = query_key[:, :, :query_heads].transpose(1, 2)
         key = query_key[:, :, query_heads:].transpose(1, 2)
         if cache is not None:
@@ -127,7 +124,7 @@ def lean_forward(layer: Any) -> Callable[..., torch.Tensor]:
         attended = attended.reshape(*shape[:-2], -1).contiguous()
         hidden = residual + linear(attended, o_proj.packed_weight, o_proj.bias, "none", [], "")
         residual = hidden
-        hidden = rms_norm(hidden, norm2)
+        hidden = _rms_norm(hidden, norm2)
         gate_and_up = linear(hidden, gate_up.packed_weight, gate_up.bias, "none", [], "")
         hidden = act(gate_and_up[..., :gate_end]) * gate_and_up[..., gate_end:]
         return residual + linear(hidden, down_proj.packed_weight, down_proj.bias, "none", [], "")
